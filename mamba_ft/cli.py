@@ -1,0 +1,88 @@
+"""The `mamba-ft` command: parse the arguments, call the function that does the work.
+
+Every subcommand's work lives in its own module; this file only wires arguments to it and turns
+a `UserError` into one line on stderr and exit code 2 (a traceback only with --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mamba_ft.errors import UserError
+
+
+def _train(args):
+    from mamba_ft.train import train_from_recipe
+
+    train_from_recipe(args.recipe, args.overrides)
+
+
+def _validate(args):
+    from mamba_ft.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(recipe.to_yaml(), end="")
+
+
+def _merge(args):
+    from mamba_ft.adapters.merge import merge_adapter_dir
+
+    out = merge_adapter_dir(args.adapter_dir, args.out, base=args.base, overwrite=args.overwrite)
+    print(f"merged model written to {out}")
+
+
+def _info(args):
+    from mamba_ft.models import load_model, mixers
+
+    loaded = load_model(args.model, need_tokenizer=False, allow_transformers=True)
+    model = loaded.model
+    total = sum(p.numel() for p in model.parameters())
+    kind = "Mamba (mamba-ft mixers: %d)" % len(mixers(model)) if loaded.is_mamba else model.config.model_type
+    print(f"{args.model}: {kind}, {total:,} parameters")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mamba-ft", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train from a YAML recipe")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 run.max_steps=50")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("validate", help="check a recipe and print it resolved")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("merge", help="fold an adapter into its base model: a plain transformers checkpoint")
+    p.add_argument("adapter_dir")
+    p.add_argument("--out", required=True, help="directory for the merged model (must not exist)")
+    p.add_argument("--base", default=None, help="base model (default: the one recorded in the adapter)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds a model")
+    p.set_defaults(func=_merge)
+
+    p = sub.add_parser("info", help="load a model and print what it is")
+    p.add_argument("model", help="checkpoint directory, config file, hub id or bundled:NAME")
+    p.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"mamba-ft: error: {exc}", file=sys.stderr)
+        return UserError.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

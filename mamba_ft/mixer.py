@@ -1,0 +1,176 @@
+"""mamba-ft's Mamba-1 mixer: transformers' `MambaMixer` parameters, mamba-ft's ops.
+
+The module owns exactly the parameters transformers' mixer owns, under the same names
+(in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj), so state dicts move between the two
+unchanged. What differs is the forward: every weight the computation reads comes from
+`mixer_weights()`, one place where adapters (see `mamba_ft.adapters`) substitute effective
+weights, and every op goes through `mamba_ft.ops`, which picks the fused kernels on CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mamba_ft import ops
+
+
+@dataclass
+class MixerWeights:
+    """The tensors one mixer forward reads, after any adapter has been applied.
+
+    `in_proj_lora` / `out_proj_lora` carry an optional low-rank side path (x -> x @ A^T @ B^T * s)
+    for the two big projections, where adding it to the activations is cheaper than merging it
+    into the weight.
+    """
+
+    in_proj_weight: torch.Tensor
+    in_proj_bias: torch.Tensor | None
+    conv_weight: torch.Tensor  # (d_inner, width)
+    conv_bias: torch.Tensor | None
+    x_proj_weight: torch.Tensor
+    dt_proj_weight: torch.Tensor
+    dt_bias: torch.Tensor
+    A_log: torch.Tensor
+    D: torch.Tensor
+    out_proj_weight: torch.Tensor
+    out_proj_bias: torch.Tensor | None
+    in_proj_lora: "LowRankPath | None" = None
+    out_proj_lora: "LowRankPath | None" = None
+
+
+@dataclass
+class LowRankPath:
+    """y += scale * dropout(x) @ A^T @ B^T, the LoRA side path of a projection."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    dropout: nn.Module | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype)) * self.scale
+
+
+def project(x: torch.Tensor, weight, bias, lora: LowRankPath | None) -> torch.Tensor:
+    y = F.linear(x, weight, bias)
+    return y if lora is None else y + lora(x).to(y.dtype)
+
+
+def _mask_padding(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    # Same rule as transformers (zero the padded positions of a (batch, L, d) tensor), so
+    # padded batches give the same numbers on both implementations.
+    if attention_mask is None:
+        return x
+    return (x * attention_mask[:, :, None]).to(x.dtype)
+
+
+class MambaFTMixer(nn.Module):
+    """Drop-in for transformers' `MambaMixer` (same parameters, same forward signature)."""
+
+    def __init__(self, hf_mixer: nn.Module):
+        super().__init__()
+        # Take over the modules and parameters of the transformers mixer (no copies), so a
+        # model loaded by transformers keeps its tensors and its state_dict keys.
+        self.layer_idx = hf_mixer.layer_idx
+        self.hidden_size = hf_mixer.hidden_size
+        self.intermediate_size = hf_mixer.intermediate_size
+        self.ssm_state_size = hf_mixer.ssm_state_size
+        self.time_step_rank = hf_mixer.time_step_rank
+        self.conv_kernel_size = hf_mixer.conv_kernel_size
+        if hf_mixer.activation not in ("silu", "swish"):
+            raise ValueError(
+                f"mamba-ft's mixer supports hidden_act 'silu' only, not {hf_mixer.activation!r}"
+            )
+        # Registration order as in transformers, so named_parameters() lists the same order.
+        self.conv1d = hf_mixer.conv1d
+        self.in_proj = hf_mixer.in_proj
+        self.x_proj = hf_mixer.x_proj
+        self.dt_proj = hf_mixer.dt_proj
+        self.A_log = hf_mixer.A_log
+        self.D = hf_mixer.D
+        self.out_proj = hf_mixer.out_proj
+        # Set by adapters.attach(); None means the raw weights are used.
+        self.adapter: nn.Module | None = None
+        # Set by `mamba_ft.models.document_starts` for packed batches: (batch, L) bool.
+        self.document_starts: torch.Tensor | None = None
+
+    def raw_weights(self) -> MixerWeights:
+        return MixerWeights(
+            in_proj_weight=self.in_proj.weight,
+            in_proj_bias=self.in_proj.bias,
+            conv_weight=self.conv1d.weight.squeeze(1),
+            conv_bias=self.conv1d.bias,
+            x_proj_weight=self.x_proj.weight,
+            dt_proj_weight=self.dt_proj.weight,
+            dt_bias=self.dt_proj.bias,
+            A_log=self.A_log,
+            D=self.D,
+            out_proj_weight=self.out_proj.weight,
+            out_proj_bias=self.out_proj.bias,
+        )
+
+    def mixer_weights(self) -> MixerWeights:
+        """The weights this forward reads: raw, or with the attached adapter applied."""
+        weights = self.raw_weights()
+        return weights if self.adapter is None else self.adapter(weights)
+
+    def forward(self, hidden_states: torch.Tensor, cache_params=None, attention_mask=None, **kwargs):
+        w = self.mixer_weights()
+        batch, seq_len, _ = hidden_states.shape
+        R, N = self.time_step_rank, self.ssm_state_size
+
+        conv_state = ssm_state = None
+        if cache_params is not None:
+            conv_state = cache_params.get_conv_state(self.layer_idx)
+            ssm_state = cache_params.get_recurrent_state(self.layer_idx)
+            # The cache updates these tensors in place below; keep what this step starts from.
+            conv_state = None if conv_state is None else conv_state[..., 1:].clone()
+
+        hidden_states = _mask_padding(hidden_states, attention_mask)
+        xz = project(hidden_states, w.in_proj_weight, w.in_proj_bias, w.in_proj_lora)
+        x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L) each
+        A = -torch.exp(w.A_log.float())
+
+        if conv_state is not None and ssm_state is not None and seq_len == 1:
+            y = self._decode_step(x[..., 0], z[..., 0], w, A, conv_state, ssm_state, cache_params)
+            y = y.unsqueeze(1)
+        else:
+            if cache_params is not None:
+                # Stores the last `width` inputs for the next step (transformers' layout).
+                cache_params.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
+            x = ops.causal_conv1d(x, w.conv_weight, w.conv_bias, initial_state=conv_state,
+                                  reset=self.document_starts)
+            x = _mask_padding(x.transpose(1, 2), attention_mask)  # (batch, L, d_inner)
+            dt, B, C = torch.split(F.linear(x, w.x_proj_weight), [R, N, N], dim=-1)
+            delta = F.linear(dt, w.dt_proj_weight)  # bias is added inside the scan, in fp32
+            result = ops.selective_scan(
+                x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
+                D=w.D.float(), z=z, delta_bias=w.dt_bias.float(), delta_softplus=True,
+                initial_state=ssm_state, reset=self.document_starts,
+                return_last_state=cache_params is not None,
+            )
+            if cache_params is not None:
+                result, last_state = result
+                cache_params.update_recurrent_state(last_state, self.layer_idx)
+            y = result.transpose(1, 2)
+        return project(y.to(hidden_states.dtype), w.out_proj_weight, w.out_proj_bias, w.out_proj_lora)
+
+    def _decode_step(self, x, z, w: MixerWeights, A, conv_state, ssm_state, cache_params):
+        """One token with the cache: conv window and recurrent state advance by one."""
+        R, N = self.time_step_rank, self.ssm_state_size
+        cache_params.update_conv_state(x.unsqueeze(-1), self.layer_idx)
+        x, _ = ops.causal_conv1d_step(x, conv_state, w.conv_weight, w.conv_bias)
+        dt, B, C = torch.split(F.linear(x, w.x_proj_weight), [R, N, N], dim=-1)
+        delta = F.linear(dt, w.dt_proj_weight)
+        y, new_state = ops.selective_state_step(
+            ssm_state, x, delta, A, B, C, D=w.D.float(), z=z, delta_bias=w.dt_bias.float(),
+            delta_softplus=True,
+        )
+        cache_params.update_recurrent_state(new_state, self.layer_idx)
+        return y

@@ -1,0 +1,218 @@
+"""One loader for every way a user names a model.
+
+`load_model(source)` accepts
+- a Hugging Face format directory (config.json + safetensors), Mamba or any causal LM;
+- an original mamba_ssm format directory (config.json with d_model / n_layer / ssm_cfg,
+  weights in pytorch_model.bin), converted on load into transformers' MambaForCausalLM;
+- a config alone: a .json / .yaml file, a dict or a `PretrainedConfig` (random init);
+- `bundled:NAME` for the tiny models shipped inside the package;
+- a hub id, when a network exists.
+Every Mamba model comes back with its mixers swapped for mamba-ft's (`swap_mixers`).
+Nothing here runs code from the user's files: safetensors, `torch.load(weights_only=True)`,
+`yaml.safe_load`, and `trust_remote_code` only when the caller passes it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    MambaConfig,
+    MambaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from mamba_ft.errors import UserError
+from mamba_ft.models.mamba_ssm_format import is_mamba_ssm_config, load_mamba_ssm_dir
+from mamba_ft.models.swap import swap_mixers
+
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "bundled"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: Any  # a transformers tokenizer, or None when not asked for
+    is_mamba: bool
+    source: str
+
+
+def resolve_source(source: str | Path) -> Path | str:
+    """A local path for `source`, or the string itself when it can only be a hub id."""
+    text = str(source)
+    if text.startswith("bundled:"):
+        name = text.split(":", 1)[1]
+        path = BUNDLED_DIR / name
+        if not path.is_dir():
+            names = sorted(p.name for p in BUNDLED_DIR.iterdir() if p.is_dir()) if BUNDLED_DIR.is_dir() else []
+            raise UserError(f"There is no bundled model {name!r}; the bundled models are: "
+                            f"{', '.join(names) or 'none'}.")
+        return path
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    looks_like_file = path.suffix in (".json", ".yaml", ".yml", ".bin", ".safetensors")
+    if _HUB_ID.match(text) and not text.startswith((".", "/", "~")) and not looks_like_file:
+        return text
+    raise UserError(f"Model path {text!r} does not exist; give a checkpoint directory, a config "
+                    f"file (.json/.yaml), a hub id such as 'state-spaces/mamba-130m-hf', or "
+                    f"'bundled:tiny-mamba'.")
+
+
+def config_from_file(path: Path) -> dict:
+    try:
+        text = path.read_text()
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise UserError(f"Could not read the model config {path}: {exc}. Fix the file so it is "
+                        f"valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"The model config {path} must be a mapping of config keys to values.")
+    return data
+
+
+def config_from_dict(data: dict, where: str) -> PretrainedConfig:
+    data = dict(data)
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise UserError(f"The model config {where} has no 'model_type'; add `model_type: mamba` "
+                        f"(or gpt_neox, llama, ... for a Transformer baseline).")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"The model config {where} is not a valid {model_type!r} config: {exc}.") from None
+
+
+def _check_family(config: PretrainedConfig, where: str, allow_transformers: bool) -> bool:
+    model_type = getattr(config, "model_type", None)
+    if model_type == "mamba":
+        return True
+    if model_type in ("mamba2", "falcon_mamba", "falcon_h1", "nemotron_h", "jamba", "zamba", "zamba2"):
+        raise UserError(f"{where} is a {model_type!r} model; mamba-ft supports Mamba-1 "
+                        f"(model_type 'mamba') checkpoints only for now.")
+    if not allow_transformers:
+        raise UserError(f"{where} is a {model_type!r} model, not a Mamba (model_type 'mamba'); "
+                        f"point to a Mamba checkpoint, or load it as a Transformer baseline.")
+    return False
+
+
+def load_tokenizer(path: Path | str, where: str, trust_remote_code: bool = False):
+    """The tokenizer stored in `path`; never a silent hub lookup for a local directory."""
+    local = Path(str(path))
+    if local.is_dir() and not any((local / f).exists() for f in _TOKENIZER_FILES):
+        raise UserError(f"{where} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); copy "
+                        f"the tokenizer files into it, or name a tokenizer directory "
+                        f"(recipe key model.tokenizer).")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code,
+                                             local_files_only=local.exists())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"Could not load the tokenizer from {path}: {exc}") from None
+
+
+def _from_pretrained(cls, path, where: str, dtype, trust_remote_code: bool):
+    try:
+        return cls.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
+                                   local_files_only=Path(str(path)).exists())
+    except OSError as exc:
+        raise UserError(f"Could not load {where}: {exc}".rstrip(".") + ". Check the path, or "
+                        f"download the checkpoint where a network exists and pass its directory.") from None
+    except (RuntimeError, ValueError) as exc:
+        if "size mismatch" in str(exc) or "shape" in str(exc):
+            raise UserError(f"The weights in {where} do not fit its config.json ({_first_line(exc)}); "
+                            f"the config and the weights come from different models.") from None
+        raise
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    mismatch = [line for line in lines if "size mismatch" in line or "shape" in line]
+    return (mismatch or lines or [type(exc).__name__])[0]
+
+
+def load_model(
+    source: str | Path | dict | PretrainedConfig,
+    *,
+    tokenizer: str | Path | None = None,
+    need_tokenizer: bool = True,
+    allow_transformers: bool = False,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    seed: int | None = None,
+) -> LoadedModel:
+    """Load a model (and its tokenizer) from any source described in the module docstring.
+
+    `tokenizer` overrides where the tokenizer comes from (required for a config alone when
+    `need_tokenizer`). Mamba models always come back with mamba-ft's mixers.
+    """
+    where = str(source) if not isinstance(source, (dict, PretrainedConfig)) else "the given config"
+    tokenizer_from = tokenizer
+
+    if isinstance(source, (dict, PretrainedConfig)):
+        config = config_from_dict(source, where) if isinstance(source, dict) else source
+        model, is_mamba = _random_init(config, where, allow_transformers, dtype, seed)
+    else:
+        path = resolve_source(source)
+        if isinstance(path, Path) and path.is_file():
+            config = config_from_dict(config_from_file(path), where)
+            model, is_mamba = _random_init(config, where, allow_transformers, dtype, seed)
+        elif isinstance(path, Path):
+            config_path = path / "config.json"
+            if not config_path.exists():
+                raise UserError(f"{path} has no config.json; point to a checkpoint directory "
+                                f"(Hugging Face or mamba_ssm format).")
+            raw = config_from_file(config_path)
+            if "model_type" not in raw and is_mamba_ssm_config(raw):
+                model, is_mamba = load_mamba_ssm_dir(path, raw, dtype), True
+            else:
+                config = config_from_dict(raw, str(config_path))
+                is_mamba = _check_family(config, where, allow_transformers)
+                cls = MambaForCausalLM if is_mamba else AutoModelForCausalLM
+                model = _from_pretrained(cls, path, where, dtype, trust_remote_code)
+            tokenizer_from = tokenizer_from or path
+        else:  # hub id
+            try:
+                config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            except OSError as exc:
+                raise UserError(f"{path!r} is not a local path and the Hugging Face Hub could not "
+                                f"provide it ({_first_line(exc)}); download it where a network "
+                                f"exists and pass the directory.") from None
+            is_mamba = _check_family(config, where, allow_transformers)
+            cls = MambaForCausalLM if is_mamba else AutoModelForCausalLM
+            model = _from_pretrained(cls, path, where, dtype, trust_remote_code)
+            tokenizer_from = tokenizer_from or path
+
+    tok = None
+    if need_tokenizer:
+        if tokenizer_from is None:
+            raise UserError(f"{where} is a config without a tokenizer; name a tokenizer directory "
+                            f"(recipe key model.tokenizer, e.g. 'bundled:tiny-mamba').")
+        if isinstance(tokenizer_from, str) and tokenizer_from.startswith("bundled:"):
+            tokenizer_from = resolve_source(tokenizer_from)
+        tok = load_tokenizer(tokenizer_from, str(tokenizer_from), trust_remote_code)
+    if is_mamba:
+        swap_mixers(model)
+    return LoadedModel(model=model, tokenizer=tok, is_mamba=is_mamba, source=where)
+
+
+def _random_init(config: PretrainedConfig, where: str, allow_transformers: bool, dtype, seed):
+    is_mamba = _check_family(config, where, allow_transformers)
+    if seed is not None:
+        torch.manual_seed(seed)
+    if is_mamba:
+        model = MambaForCausalLM(config)
+    else:
+        model = AutoModelForCausalLM.from_config(config)
+    return model.to(dtype), is_mamba

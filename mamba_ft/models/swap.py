@@ -1,0 +1,48 @@
+"""Replace transformers' MambaMixer modules by mamba-ft's mixer, in place."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers.models.mamba.modeling_mamba import MambaMixer
+
+from mamba_ft.mixer import MambaFTMixer
+
+
+def swap_mixers(model: nn.Module) -> int:
+    """Swap every transformers MambaMixer for a MambaFTMixer holding the same tensors.
+
+    Returns how many were swapped. Parameter names and shapes do not change, so state dicts,
+    optimizers built afterwards and `save_pretrained` behave as with plain transformers.
+    """
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, MambaMixer):
+                setattr(module, name, MambaFTMixer(child))
+                swapped += 1
+    return swapped
+
+
+def mixers(model: nn.Module) -> list[MambaFTMixer]:
+    return [m for m in model.modules() if isinstance(m, MambaFTMixer)]
+
+
+@contextmanager
+def document_starts(model: nn.Module, starts: torch.Tensor | None):
+    """Within the block, mixers treat `starts` (batch, L) bool as document boundaries.
+
+    Packed rows hold several documents; at each start the recurrent state and the conv window
+    begin afresh, so no document sees another. Run the backward inside the block too: gradient
+    checkpointing recomputes the forward there.
+    """
+    targets = mixers(model)
+    for mixer in targets:
+        mixer.document_starts = starts
+    try:
+        yield
+    finally:
+        for mixer in targets:
+            mixer.document_starts = None

@@ -1,0 +1,53 @@
+"""Dispatch for the mixer's ops: the fused Triton kernels on CUDA, the reference ops elsewhere.
+
+The mixer calls only these functions, so the choice of implementation lives in one place.
+`MAMBA_FT_OPS=reference` forces the reference path (useful to compare paths on a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mamba_ft import reference
+
+
+def use_fused(t: torch.Tensor) -> bool:
+    """True when the fused Triton kernels should run for a tensor on this device."""
+    if not t.is_cuda or os.environ.get("MAMBA_FT_OPS", "auto") == "reference":
+        return False
+    from mamba_ft.kernels import available
+
+    return available()
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   initial_state=None, reset=None, return_last_state=False):
+    """Selective scan over (batch, d, L); see `mamba_ft.reference.selective_scan`."""
+    if use_fused(u):
+        from mamba_ft.kernels import selective_scan_fn
+
+        return selective_scan_fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                 delta_softplus=delta_softplus, initial_state=initial_state,
+                                 reset=reset, return_last_state=return_last_state)
+    return reference.selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                    delta_softplus=delta_softplus, initial_state=initial_state,
+                                    reset=reset, return_last_state=return_last_state)
+
+
+def causal_conv1d(x, weight, bias=None, initial_state=None, reset=None, activation="silu",
+                  return_final_state=False):
+    """Causal depthwise conv over (batch, d, L); see `mamba_ft.reference.causal_conv1d`."""
+    if use_fused(x):
+        from mamba_ft.kernels import causal_conv1d_fn
+
+        return causal_conv1d_fn(x, weight, bias, initial_state=initial_state, reset=reset,
+                                activation=activation, return_final_state=return_final_state)
+    return reference.causal_conv1d(x, weight, bias, initial_state=initial_state, reset=reset,
+                                   activation=activation, return_final_state=return_final_state)
+
+
+# One-token decoding is a handful of (batch, d, N) elementwise ops: the reference is the op.
+selective_state_step = reference.selective_state_step
+causal_conv1d_step = reference.causal_conv1d_step
