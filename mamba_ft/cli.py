@@ -35,11 +35,28 @@ def _merge(args):
 def _info(args):
     from mamba_ft.models import load_model, mixers
 
-    loaded = load_model(args.model, need_tokenizer=False, allow_transformers=True)
+    from pathlib import Path
+
+    # A checkpoint directory must carry its tokenizer; a bare config has none.
+    is_checkpoint = args.model.startswith("bundled:") or Path(args.model).is_dir()
+    loaded = load_model(args.model, need_tokenizer=is_checkpoint, allow_transformers=True)
     model = loaded.model
     total = sum(p.numel() for p in model.parameters())
     kind = "Mamba (mamba-ft mixers: %d)" % len(mixers(model)) if loaded.is_mamba else model.config.model_type
-    print(f"{args.model}: {kind}, {total:,} parameters")
+    vocab = f", tokenizer with {len(loaded.tokenizer)} tokens" if loaded.tokenizer is not None else ""
+    print(f"{args.model}: {kind}, {total:,} parameters{vocab}")
+
+
+def _synth(args):
+    from mamba_ft.synthetic.experiment import run_synth_cli
+
+    run_synth_cli(args)
+
+
+def _icl(args):
+    from mamba_ft.evaluation.sweep import main_from_cli
+
+    main_from_cli(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +84,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="load a model and print what it is")
     p.add_argument("model", help="checkpoint directory, config file, hub id or bundled:NAME")
     p.set_defaults(func=_info)
+    p = sub.add_parser("synth", help="train Mamba and a matched Transformer on COPY / recall / CoT tasks")
+    from mamba_ft.synthetic.experiment import add_synth_arguments
+
+    add_synth_arguments(p)
+    p.set_defaults(func=_synth)
+    p = sub.add_parser("icl", help="few-shot ICL sweep through lm-eval: Mamba vs Transformers, gain and ratio")
+    p.add_argument("--model", action="append", required=True, metavar="[LABEL=]PATH",
+                   help="model to evaluate (repeat): checkpoint dir, hub id or bundled:NAME")
+    p.add_argument("--adapter", action="append", metavar="LABEL=DIR", help="attach a saved adapter to model LABEL")
+    p.add_argument("--tokenizer", action="append", metavar="LABEL=DIR", help="tokenizer for model LABEL")
+    p.add_argument("--tasks", default="mamba_ft_icl", help="comma-separated lm-eval tasks (default: the bundled rule tasks)")
+    p.add_argument("--shots", default="0,1,3,5")
+    p.add_argument("--seeds", default="1234,1235,1236", help="few-shot sampling seeds")
+    p.add_argument("--limit", type=float, default=None, help="documents per task (a number < 1 is a fraction)")
+    p.add_argument("--baseline", default=None, help="label the ratio divides by (default: the first Transformer)")
+    p.add_argument("--data", action="append", metavar="TASK=DIR", help="local split files for a task (repeat)")
+    p.add_argument("--out", default=None, help="directory for results.json, results.md and the plots")
+    p.add_argument("--batch-size", default="8")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--online", action="store_true", help="let datasets and models come from the Hugging Face Hub")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    p.set_defaults(func=_icl)
     return parser
 
 

@@ -6,9 +6,10 @@ Layouts follow mamba_ssm so the two are interchangeable:
 
 The selective scan runs over the sequence in chunks. Within a chunk the recurrence
 h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t is stepped one position at a time on
-(batch, d, N) tensors; only one chunk's (batch, d, chunk, N) tensors exist at once. Under
-autograd each chunk is checkpointed, so the backward keeps only the state entering each chunk
-and recomputes the rest: saved memory is O(batch * d * N * L / chunk), not O(batch * d * N * L).
+(batch, d, N) tensors; only one chunk's (chunk, batch, d, N) tensors exist at once. The scan
+is an autograd Function whose forward keeps only the state entering each chunk and whose
+backward recomputes a chunk from it, so saved memory is O(batch * d * N * L / chunk), not
+O(batch * d * N * L), and no per-step autograd graph is built.
 
 `reset` (batch, L) bool marks positions where a new document starts (packed sequences): the
 state coming in from the previous position is dropped there, and the causal conv does not
@@ -19,32 +20,99 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-DEFAULT_CHUNK = 64
+# A 16-step chunk keeps one chunk's (chunk, batch, d, N) tensors in a CPU's cache: the fastest
+# of 16 / 32 / 64 / 128 measured for d=1536, N=16, L=512.
+DEFAULT_CHUNK = 16
 
 
-def _scan_chunk(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    state: torch.Tensor,
-    keep: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk of the recurrence, all fp32. Returns y (batch, d, T) and the last state."""
-    # (batch, d, T, N): the only four-dimensional tensors, one chunk long.
-    decay = torch.exp(delta.unsqueeze(-1) * A[:, None, :])
-    drive = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)
-    states = []
-    for t in range(u.shape[-1]):
+def _chunk_states(decay, drive, keep, state):
+    """Step h_t = decay_t * keep_t * h_{t-1} + drive_t through one chunk, time-major.
+
+    decay, drive: (T, batch, d, N); keep: (T, batch) or None. Returns all T states (T, batch,
+    d, N). The loop runs on (batch, d, N) slices: work-optimal, and on a CPU faster than a
+    parallel (log-depth) scan, which does log2(T) times the arithmetic.
+    """
+    states = torch.empty_like(drive)
+    for t in range(drive.shape[0]):
         if keep is not None:
-            state = state * keep[:, t, None, None]
-        state = torch.addcmul(drive[:, :, t], decay[:, :, t], state)
-        states.append(state)
-    y = torch.einsum("bdtn,bnt->bdt", torch.stack(states, dim=2), C)
-    return y, state
+            state = state * keep[t, :, None, None]
+        state = torch.addcmul(drive[t], decay[t], state, out=states[t])
+    return states
+
+
+def _discretize(u, delta, A, B):
+    """decay = exp(delta * A) and drive = delta * u * B, time-major (T, batch, d, N)."""
+    delta_t = delta.permute(2, 0, 1).unsqueeze(-1)  # (T, b, d, 1)
+    decay = torch.exp(delta_t * A)
+    drive = (delta_t * u.permute(2, 0, 1).unsqueeze(-1)) * B.permute(2, 0, 1).unsqueeze(2)
+    return decay, drive
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """y_t = C_t . h_t with h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t, all fp32.
+
+    The forward keeps only the state entering each chunk; the backward recomputes a chunk's
+    states from it and runs the adjoint recurrence g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}
+    backwards through the chunk. Saved memory is O(batch * d * N * L / chunk).
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, initial_state, keep, chunk_size):
+        length = u.shape[-1]
+        state = initial_state
+        entering, ys = [], []
+        for start in range(0, length, chunk_size):
+            sl = slice(start, start + chunk_size)
+            entering.append(state)
+            decay, drive = _discretize(u[..., sl], delta[..., sl], A, B[..., sl])
+            states = _chunk_states(decay, drive, None if keep is None else keep[sl], state)
+            ys.append(torch.einsum("tbdn,bnt->bdt", states, C[..., sl]))
+            # A copy, not a view: a view would keep the whole chunk's states alive.
+            state = states[-1].clone()
+        ctx.save_for_backward(u, delta, A, B, C, keep, *entering)
+        ctx.chunk_size = chunk_size
+        y = torch.cat(ys, dim=-1) if ys else u.new_zeros(u.shape)
+        return y, state
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        u, delta, A, B, C, keep, *entering = ctx.saved_tensors
+        T = ctx.chunk_size
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        dB, dC = torch.empty_like(B), torch.empty_like(C)
+        dA = torch.zeros_like(A)
+        # g carries dL/dh across chunk boundaries, from the last position backwards.
+        g_next = dlast.clone() if dlast is not None else torch.zeros_like(entering[0])
+        decay_next = None  # decay (times keep) of the first position of the chunk after
+        for index in reversed(range(len(entering))):
+            sl = slice(index * T, index * T + T)
+            keep_c = None if keep is None else keep[sl]
+            decay, drive = _discretize(u[..., sl], delta[..., sl], A, B[..., sl])
+            states = _chunk_states(decay, drive, keep_c, entering[index])
+            eff_decay = decay if keep_c is None else decay * keep_c[:, :, None, None]
+            # prev[t] = h_{t-1} as the recurrence saw it (after the reset mask).
+            prev = torch.cat([entering[index].unsqueeze(0), states[:-1]], dim=0)
+            if keep_c is not None:
+                prev = prev * keep_c[:, :, None, None]
+            local = torch.einsum("bdt,bnt->tbdn", dy[..., sl], C[..., sl])
+            g = torch.empty_like(states)
+            for t in reversed(range(states.shape[0])):
+                carried = g_next if decay_next is None else decay_next * g_next
+                g_next = torch.add(local[t], carried, out=g[t])
+                decay_next = eff_decay[t]
+            dC[..., sl] = torch.einsum("tbdn,bdt->bnt", states, dy[..., sl])
+            g_prev = g * prev * decay  # dL/d(delta_t * A) through the decay
+            delta_c = delta[..., sl].permute(2, 0, 1)  # (T, b, d)
+            u_c = u[..., sl].permute(2, 0, 1)
+            B_c = B[..., sl].permute(2, 0, 1).unsqueeze(2)  # (T, b, 1, N)
+            g_B = (g * B_c).sum(-1)  # (T, b, d)
+            ddelta[..., sl] = ((g_prev * A).sum(-1) + g_B * u_c).permute(1, 2, 0)
+            du[..., sl] = (g_B * delta_c).permute(1, 2, 0)
+            dB[..., sl] = torch.einsum("tbdn,tbd->bnt", g, delta_c * u_c)
+            dA += torch.einsum("tbdn,tbd->dn", g_prev, delta_c)
+        dh0 = decay_next * g_next if decay_next is not None else g_next
+        return du, ddelta, dA, dB, dC, dh0, None, None
 
 
 def selective_scan(
@@ -79,21 +147,9 @@ def selective_scan(
         if initial_state is not None
         else u32.new_zeros(batch, d, A.shape[-1])
     )
-    keep = (~reset).float() if reset is not None else None
-    use_checkpoint = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias, initial_state)
-    )
-    ys = []
-    for start in range(0, length, chunk_size):
-        sl = slice(start, start + chunk_size)
-        args = (u32[..., sl], delta32[..., sl], A32, B32[..., sl], C32[..., sl], state,
-                keep[:, sl] if keep is not None else None)
-        if use_checkpoint:
-            y, state = checkpoint(_scan_chunk, *args, use_reentrant=False)
-        else:
-            y, state = _scan_chunk(*args)
-        ys.append(y)
-    y = torch.cat(ys, dim=-1) if ys else u32.new_zeros(batch, d, 0)
+    # Time-major keep mask: 0 where a document starts (the incoming state is dropped).
+    keep = (~reset).float().t().contiguous() if reset is not None else None
+    y, state = _ChunkedScan.apply(u32, delta32, A32, B32, C32, state, keep, chunk_size)
     if D is not None:
         y = y + u32 * D.float()[None, :, None]
     if z is not None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -83,20 +84,23 @@ def config_from_file(path: Path) -> dict:
     return data
 
 
-def config_from_dict(data: dict, where: str) -> PretrainedConfig:
+def config_from_dict(data: dict, where: str, allow_transformers: bool) -> PretrainedConfig:
+    """A transformers config from a plain mapping, after checking the model family."""
     data = dict(data)
     model_type = data.pop("model_type", None)
     if model_type is None:
         raise UserError(f"The model config {where} has no 'model_type'; add `model_type: mamba` "
                         f"(or gpt_neox, llama, ... for a Transformer baseline).")
+    check_family(model_type, where, allow_transformers)
     try:
         return AutoConfig.for_model(model_type, **data)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise UserError(f"The model config {where} is not a valid {model_type!r} config: {exc}.") from None
+    except Exception as exc:  # transformers' config validators raise several unrelated types
+        raise UserError(f"The model config {where} is not a valid {model_type!r} config: "
+                        f"{_first_line(exc)}.") from None
 
 
-def _check_family(config: PretrainedConfig, where: str, allow_transformers: bool) -> bool:
-    model_type = getattr(config, "model_type", None)
+def check_family(model_type: str | None, where: str, allow_transformers: bool) -> bool:
+    """True for a Mamba-1 model; a clear error for what mamba-ft cannot load as asked."""
     if model_type == "mamba":
         return True
     if model_type in ("mamba2", "falcon_mamba", "falcon_h1", "nemotron_h", "jamba", "zamba", "zamba2"):
@@ -122,7 +126,35 @@ def load_tokenizer(path: Path | str, where: str, trust_remote_code: bool = False
         raise UserError(f"Could not load the tokenizer from {path}: {exc}") from None
 
 
-def _from_pretrained(cls, path, where: str, dtype, trust_remote_code: bool):
+def check_weight_shapes(path: Path, config: PretrainedConfig, cls) -> None:
+    """Compare the safetensors headers in `path` with the shapes `config` implies.
+
+    Reads headers only (no tensor data) and builds the model on the meta device, so a wrong
+    checkpoint is reported by name before any weight is loaded.
+    """
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in (cls(config) if cls is MambaForCausalLM
+                                             else AutoModelForCausalLM.from_config(config)).state_dict().items()}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    want = expected.get(key.replace("backbone.embedding.", "backbone.embeddings."))
+                    got = tuple(handle.get_slice(key).get_shape())
+                    if want is not None and tuple(want) != got:
+                        raise UserError(f"The weights in {path} do not fit its config.json ({key} has shape "
+                                        f"{got}, the config implies {tuple(want)}); the config and the "
+                                        f"weights come from different models.")
+        except SafetensorError as exc:
+            raise UserError(f"Could not read {file}: {exc}. The file is damaged; download or save it again.") from None
+
+
+def _from_pretrained(cls, path, where: str, dtype, trust_remote_code: bool, config=None):
+    if config is not None and isinstance(path, Path):
+        check_weight_shapes(path, config, cls)
     try:
         return cls.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
                                    local_files_only=Path(str(path)).exists())
@@ -130,7 +162,7 @@ def _from_pretrained(cls, path, where: str, dtype, trust_remote_code: bool):
         raise UserError(f"Could not load {where}: {exc}".rstrip(".") + ". Check the path, or "
                         f"download the checkpoint where a network exists and pass its directory.") from None
     except (RuntimeError, ValueError) as exc:
-        if "size mismatch" in str(exc) or "shape" in str(exc):
+        if "mismatch" in str(exc) or "shape" in str(exc):
             raise UserError(f"The weights in {where} do not fit its config.json ({_first_line(exc)}); "
                             f"the config and the weights come from different models.") from None
         raise
@@ -161,13 +193,17 @@ def load_model(
     tokenizer_from = tokenizer
 
     if isinstance(source, (dict, PretrainedConfig)):
-        config = config_from_dict(source, where) if isinstance(source, dict) else source
-        model, is_mamba = _random_init(config, where, allow_transformers, dtype, seed)
+        if isinstance(source, dict):
+            config = config_from_dict(source, where, allow_transformers)
+        else:
+            config = source
+            check_family(config.model_type, where, allow_transformers)
+        model, is_mamba = _random_init(config, dtype, seed)
     else:
         path = resolve_source(source)
         if isinstance(path, Path) and path.is_file():
-            config = config_from_dict(config_from_file(path), where)
-            model, is_mamba = _random_init(config, where, allow_transformers, dtype, seed)
+            config = config_from_dict(config_from_file(path), where, allow_transformers)
+            model, is_mamba = _random_init(config, dtype, seed)
         elif isinstance(path, Path):
             config_path = path / "config.json"
             if not config_path.exists():
@@ -177,10 +213,10 @@ def load_model(
             if "model_type" not in raw and is_mamba_ssm_config(raw):
                 model, is_mamba = load_mamba_ssm_dir(path, raw, dtype), True
             else:
-                config = config_from_dict(raw, str(config_path))
-                is_mamba = _check_family(config, where, allow_transformers)
+                config = config_from_dict(raw, str(config_path), allow_transformers)
+                is_mamba = config.model_type == "mamba"
                 cls = MambaForCausalLM if is_mamba else AutoModelForCausalLM
-                model = _from_pretrained(cls, path, where, dtype, trust_remote_code)
+                model = _from_pretrained(cls, path, where, dtype, trust_remote_code, config)
             tokenizer_from = tokenizer_from or path
         else:  # hub id
             try:
@@ -189,7 +225,7 @@ def load_model(
                 raise UserError(f"{path!r} is not a local path and the Hugging Face Hub could not "
                                 f"provide it ({_first_line(exc)}); download it where a network "
                                 f"exists and pass the directory.") from None
-            is_mamba = _check_family(config, where, allow_transformers)
+            is_mamba = check_family(config.model_type, where, allow_transformers)
             cls = MambaForCausalLM if is_mamba else AutoModelForCausalLM
             model = _from_pretrained(cls, path, where, dtype, trust_remote_code)
             tokenizer_from = tokenizer_from or path
@@ -207,8 +243,8 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tok, is_mamba=is_mamba, source=where)
 
 
-def _random_init(config: PretrainedConfig, where: str, allow_transformers: bool, dtype, seed):
-    is_mamba = _check_family(config, where, allow_transformers)
+def _random_init(config: PretrainedConfig, dtype, seed):
+    is_mamba = config.model_type == "mamba"
     if seed is not None:
         torch.manual_seed(seed)
     if is_mamba:
