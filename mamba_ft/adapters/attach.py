@@ -1,0 +1,182 @@
+"""Attach adapters to a model (Mamba: mamba-ft's layers; any other causal LM: PEFT LoRA).
+
+`attach_adapters(model, config)` freezes the base model, adds the adapters, leaves only their
+parameters trainable and returns an `AdapterReport`. What was attached is recorded on the model
+(`attached(model)`), which saving, loading, merging and `detach_adapters` read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from mamba_ft.adapters.config import (
+    LOW_RANK_MIXER_TARGETS,
+    MAMBA_TARGETS,
+    SSM_TARGETS,
+    AdapterConfig,
+    unknown_mamba_target,
+)
+from mamba_ft.adapters.lora import (
+    EmbeddingAdapter,
+    HeadAdapter,
+    MixerAdapter,
+    add_module_adapter,
+    module_key,
+    remove_module_adapter,
+)
+from mamba_ft.errors import UserError
+from mamba_ft.models import mixers
+
+_ATTR = "mamba_ft_adapters"
+
+
+@dataclass
+class ReportRow:
+    target: str
+    modules: int
+    parameters: int
+
+
+@dataclass
+class AdapterReport:
+    rows: list[ReportRow]
+    base_parameters: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def trainable(self) -> int:
+        return sum(r.parameters for r in self.rows)
+
+    def format(self) -> str:
+        lines = [f"{'target':<14}{'modules':>9}{'parameters':>14}{'share of base':>16}"]
+        for r in self.rows + [ReportRow("total", sum(r.modules for r in self.rows), self.trainable)]:
+            share = 100.0 * r.parameters / max(self.base_parameters, 1)
+            lines.append(f"{r.target:<14}{r.modules:>9}{r.parameters:>14,}{share:>15.3f}%")
+        lines.append(f"base model: {self.base_parameters:,} parameters, frozen")
+        return "\n".join(lines + self.notes)
+
+
+@dataclass
+class Attached:
+    """What `attach_adapters` did to a model, so it can be saved, merged or undone."""
+
+    config: AdapterConfig
+    is_mamba: bool
+    requires_grad_before: dict[str, bool]
+    peft_config: object | None = None  # the LoraConfig, for a Transformer baseline
+    module_targets: dict[str, str] = field(default_factory=dict)  # adapted module path -> target
+
+
+def attached(model: nn.Module) -> Attached | None:
+    return getattr(model, _ATTR, None)
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """mamba-ft's adapters live under `.adapter.`; PEFT's parameters start with `lora_`."""
+    parts = name.split(".")
+    return "adapter" in parts or any(p.startswith("lora_") for p in parts)
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if is_adapter_parameter(n)}
+
+
+def _count_base(model: nn.Module) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if not is_adapter_parameter(n))
+
+
+def attach_adapters(model: nn.Module, config: AdapterConfig) -> AdapterReport:
+    """Freeze `model`, add the adapters `config` describes, return what was added."""
+    if attached(model) is not None:
+        raise UserError("This model already has adapters attached; attach them once (or merge / "
+                        "detach the present ones first).")
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    base = _count_base(model)
+    if getattr(getattr(model, "config", None), "model_type", None) == "mamba" and not mixers(model):
+        raise UserError("This Mamba model still has transformers' own mixers, which read raw weights "
+                        "and would bypass adapters; load it with mamba_ft.models.load_model (or call "
+                        "mamba_ft.models.swap_mixers) before attaching adapters.")
+    if mixers(model):
+        rows, module_targets = _attach_mamba(model, config)
+        record = Attached(config, True, flags, module_targets=module_targets)
+        notes = []
+        if config.dropout > 0:
+            notes.append(f"dropout {config.dropout} acts on the side paths (in_proj, out_proj, lm_head) only.")
+    else:
+        from mamba_ft.adapters.baseline import attach_peft
+
+        rows, peft_config, module_targets = attach_peft(model, config)
+        record = Attached(config, False, flags, peft_config=peft_config, module_targets=module_targets)
+        notes = ["Transformer baseline: PEFT LoRA on " + ", ".join(sorted(set(module_targets.values()))) + "."]
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_adapter_parameter(name))
+    # A plain attribute (not a module or tensor): nn.Module keeps it out of the state dict.
+    object.__setattr__(model, _ATTR, record)
+    return AdapterReport(rows, base, notes)
+
+
+def _attach_mamba(model: nn.Module, config: AdapterConfig):
+    targets = config.expanded_targets()
+    for name in targets:
+        if name not in MAMBA_TARGETS:
+            raise UserError(unknown_mamba_target(name))
+    all_mixers = mixers(model)
+    n_layers = len(all_mixers)
+    if config.layers is not None and max(config.layers) >= n_layers:
+        raise UserError(f"adapter layers {config.layers} name layer {max(config.layers)}, but the model "
+                        f"has {n_layers} layers (0..{n_layers - 1}); fix adapter.layers.")
+    chosen = [m for m in all_mixers if config.layers is None or m.layer_idx in config.layers]
+    mixer_targets = [t for t in targets if t in LOW_RANK_MIXER_TARGETS or t in SSM_TARGETS]
+    module_paths = {id(m): n for n, m in model.named_modules()}
+    module_targets: dict[str, str] = {}
+    counts = {t: [0, 0] for t in targets}
+    if mixer_targets:
+        for mixer in chosen:
+            adapter = MixerAdapter(mixer, mixer_targets, config.rank_for, config.scale_for, config.dropout)
+            mixer.adapter = adapter.to(mixer.A_log.device)
+            for t in mixer_targets:
+                counts[t][0] += 1
+                counts[t][1] += (adapter.ssm[t].numel() if t in SSM_TARGETS else
+                                 sum(p.numel() for p in adapter.low_rank[module_key(t)].parameters()))
+                module_targets[f"{module_paths[id(mixer)]}.{t}"] = t
+
+    if "embeddings" in targets:
+        emb = model.get_input_embeddings()
+        adapter = EmbeddingAdapter(emb.num_embeddings, emb.embedding_dim, config.rank_for("embeddings"),
+                                   config.scale_for("embeddings")).to(emb.weight.device)
+        add_module_adapter(emb, adapter)
+        counts["embeddings"] = [1, sum(p.numel() for p in adapter.parameters())]
+        module_targets[module_paths[id(emb)]] = "embeddings"
+    if "lm_head" in targets:
+        head = model.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            raise UserError("adapter target 'lm_head' matches nothing: this model has no output Linear "
+                            "(load it as a causal LM, e.g. MambaForCausalLM).")
+        adapter = HeadAdapter(head.out_features, head.in_features, config.rank_for("lm_head"),
+                              config.scale_for("lm_head"), config.dropout).to(head.weight.device)
+        add_module_adapter(head, adapter)
+        counts["lm_head"] = [1, sum(p.numel() for p in adapter.parameters())]
+        module_targets[module_paths[id(head)]] = "lm_head"
+    return [ReportRow(t, c[0], c[1]) for t, c in counts.items()], module_targets
+
+
+def detach_adapters(model: nn.Module) -> None:
+    """Remove the adapters without merging them; restore which parameters were trainable."""
+    record = attached(model)
+    if record is None:
+        return
+    if record.is_mamba:
+        for mixer in mixers(model):
+            mixer.adapter = None
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None and isinstance(getattr(module, "adapter", None), (EmbeddingAdapter, HeadAdapter)):
+                remove_module_adapter(module)
+    else:
+        from mamba_ft.adapters.baseline import unload_peft
+
+        unload_peft(model, merge=False)
+    object.__delattr__(model, _ATTR)
+    for name, param in model.named_parameters():
+        param.requires_grad_(record.requires_grad_before.get(name, True))
