@@ -79,11 +79,12 @@ class _ChunkedScan(torch.autograd.Function):
     def backward(ctx, dy, dlast):
         u, delta, A, B, C, keep, *entering = ctx.saved_tensors
         T = ctx.chunk_size
+        dy = dy.float()
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
         dB, dC = torch.empty_like(B), torch.empty_like(C)
         dA = torch.zeros_like(A)
         # g carries dL/dh across chunk boundaries, from the last position backwards.
-        g_next = dlast.clone() if dlast is not None else torch.zeros_like(entering[0])
+        g_next = dlast.float().clone() if dlast is not None else torch.zeros_like(entering[0])
         decay_next = None  # decay (times keep) of the first position of the chunk after
         for index in reversed(range(len(entering))):
             sl = slice(index * T, index * T + T)
@@ -149,11 +150,13 @@ def selective_scan(
     )
     # Time-major keep mask: 0 where a document starts (the incoming state is dropped).
     keep = (~reset).float().t().contiguous() if reset is not None else None
-    y, state = _ChunkedScan.apply(u32, delta32, A32, B32, C32, state, keep, chunk_size)
-    if D is not None:
-        y = y + u32 * D.float()[None, :, None]
-    if z is not None:
-        y = y * F.silu(z.float())
+    # The recurrence is fp32 by design: autocast must not move its einsums to bf16/fp16.
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        y, state = _ChunkedScan.apply(u32, delta32, A32, B32, C32, state, keep, chunk_size)
+        if D is not None:
+            y = y + u32 * D.float()[None, :, None]
+        if z is not None:
+            y = y * F.silu(z.float())
     y = y.to(out_dtype)
     return (y, state) if return_last_state else y
 
@@ -183,7 +186,8 @@ def selective_state_step(
     decay = torch.exp(delta32.unsqueeze(-1) * A.float())
     drive = (delta32 * u.float()).unsqueeze(-1) * B.float().unsqueeze(1)
     new_state = decay * state.float() + drive
-    y = torch.einsum("bdn,bn->bd", new_state, C.float())
+    with torch.autocast(device_type=u.device.type, enabled=False):  # the state stays fp32
+        y = torch.einsum("bdn,bn->bd", new_state, C.float())
     if D is not None:
         y = y + u.float() * D.float()
     if z is not None:

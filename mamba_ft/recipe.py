@@ -1,0 +1,229 @@
+"""Recipes: the YAML file that drives `mamba-ft train`, validated by pydantic.
+
+Every section forbids unknown keys, so a typo is an error with a did-you-mean instead of a
+silently ignored setting; a wrong type names its dotted key path. Command-line overrides are
+dotted `key.path=value` pairs whose values are parsed as YAML (`optim.lr=1e-4`,
+`adapter=none`, `data.packing=true`). docs/recipes.md documents every key.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mamba_ft.adapters import AdapterConfig
+from mamba_ft.errors import UserError, did_you_mean
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    source: str | dict = Field(description="checkpoint dir, hub id, config file (.json/.yaml), "
+                                           "bundled:NAME, or an inline config mapping (random init)")
+    tokenizer: str | None = Field(None, description="where the tokenizer comes from, when not beside the weights")
+    kind: Literal["auto", "mamba", "transformer"] = "auto"
+    init_seed: int | None = Field(None, description="seed for random init when source is a config")
+
+
+class PrecisionSection(Section):
+    mode: Literal["fp32", "bf16", "fp16"] = "fp32"
+    tf32: bool = False
+    fp16_init_scale: float = 2.0 ** 16
+
+
+class IclRulesData(Section):
+    """Generate the in-context rule-learning corpus (mamba_ft.synthetic.icl_rules) in memory."""
+
+    n_documents: int = Field(gt=0)
+    seed: int = 0
+    min_demos: int = Field(4, gt=0)
+    max_demos: int = Field(12, gt=0)
+    substitution_fraction: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class DataSource(Section):
+    path: str | None = Field(None, description="jsonl/json/csv/parquet/txt file, a datasets dir, bundled:FILE or a hub name")
+    split: str = "train"
+    icl_rules: IclRulesData | None = None
+    limit: int | None = Field(None, gt=0, description="keep only the first N examples")
+
+    @model_validator(mode="after")
+    def _one_origin(self):
+        if (self.path is None) == (self.icl_rules is None):
+            raise ValueError("give exactly one of 'path' or 'icl_rules'")
+        return self
+
+
+class DataSection(Section):
+    format: Literal["text", "completion", "alpaca", "chat"] = "text"
+    train: DataSource
+    eval: DataSource | None = None
+    max_length: int = Field(512, gt=1)
+    packing: bool = False
+    add_eos: bool = True
+    train_on_prompt: bool = False
+
+
+class OptimSection(Section):
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float | None = Field(1.0, gt=0)
+
+
+class ScheduleSection(Section):
+    kind: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class RunSection(Section):
+    output_dir: str
+    max_steps: int | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
+    micro_batch_size: int = Field(8, gt=0, description="per process")
+    grad_accum_steps: int = Field(1, gt=0)
+    eval_every: int = Field(0, ge=0, description="steps between evals; 0 = only before and after")
+    eval_batches: int | None = Field(None, gt=0, description="cap on eval micro-batches")
+    save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = none")
+    keep_last: int = Field(2, gt=0)
+    seed: int = 0
+    resume: str | None = Field(None, description="'auto', a checkpoint dir, or null")
+    overwrite: bool = False
+    save_final: bool = True
+    merge_at_end: bool = False
+
+    @model_validator(mode="after")
+    def _length(self):
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of 'max_steps' or 'epochs'")
+        return self
+
+
+class LoggingSection(Section):
+    every: int = Field(1, gt=0)
+    progress_bar: bool = True
+    plot: bool = True
+    tensorboard: bool = False
+    wandb_project: str | None = None
+
+
+class IclRulesEval(Section):
+    """Few-shot accuracy on held-out icl_rules queries, scored by choosing among rule outputs."""
+
+    shots: list[int] = [0, 1, 3, 5]
+    queries_per_rule: int = Field(20, gt=0)
+    seed: int = 1234
+
+
+class EvaluationSection(Section):
+    icl_rules: IclRulesEval | None = None
+
+
+class Recipe(Section):
+    model: ModelSection
+    adapter: AdapterConfig | None = None
+    precision: PrecisionSection = PrecisionSection()
+    data: DataSection
+    optim: OptimSection = OptimSection()
+    schedule: ScheduleSection = ScheduleSection()
+    run: RunSection
+    logging: LoggingSection = LoggingSection()
+    evaluation: EvaluationSection = EvaluationSection()
+
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _none_means_full(cls, value):
+        return None if isinstance(value, str) and value.lower() == "none" else value
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file, apply dotted overrides, validate; any mistake is one UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Recipe file {str(path)!r} does not exist; pass the path of a YAML recipe "
+                        f"(see recipes/ for examples).")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"Recipe {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise UserError(f"Recipe {path} must be a mapping of sections (model, data, run, ...).")
+    for item in overrides or []:
+        apply_override(data, item)
+    return validate_recipe(data, where=str(path))
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Set `a.b.c=value` in a nested dict, the value parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"Override {item!r} is not of the form key.path=value, e.g. optim.lr=1e-4.")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.split(".")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if not isinstance(child, dict):
+            if child is not None and not (isinstance(child, str) and child.lower() == "none"):
+                raise UserError(f"Override {item!r}: {'.'.join(parts[:depth + 1])} is a value, "
+                                f"not a section.")
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = value
+
+
+def validate_recipe(data: dict, where: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(_describe(exc.errors()[0], where)) from None
+
+
+def _describe(error: dict, where: str) -> str:
+    loc = [part for part in error["loc"] if isinstance(part, (str, int))]
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        fields = _fields_at(loc[:-1])
+        hint = did_you_mean(str(loc[-1]), fields) if fields else ""
+        known = f" Known keys here: {', '.join(fields)}." if fields and not hint else ""
+        return f"Unknown recipe key {dotted!r} in {where}.{hint}{known}"
+    if error["type"] == "missing":
+        return f"Recipe key {dotted!r} is missing in {where}; add it (docs/recipes.md lists every key)."
+    value = error.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"Recipe key {dotted!r} in {where}: {message}{shown}."
+
+
+def _fields_at(loc: list) -> list[str]:
+    """Field names of the section at `loc`, found by walking the schema's annotations."""
+    model: type[BaseModel] | None = Recipe
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return []
+        model = _model_in(model.model_fields[part].annotation)
+    return list(model.model_fields) if model is not None else []
+
+
+def _model_in(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

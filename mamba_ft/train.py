@@ -1,0 +1,609 @@
+"""The training loop: `mamba-ft train recipe.yaml`, on Accelerate. Read it top to bottom.
+
+1. recipe -> Accelerator (mixed precision, gradient accumulation), output_dir checked
+2. model (+ adapters), precision policy, tokenized data, optimizer, LR schedule
+3. optional resume from a checkpoint
+4. loop: for each optimizer step, fetch this process's micro-batches of the global batch,
+   normalise the loss by the number of target tokens in the whole global batch (all
+   accumulation steps and all processes), backward, clip, step; log, eval, checkpoint
+5. save the adapter (or the model), metrics.jsonl, the loss curve, run evaluation hooks
+
+Data order is a function of (seed, epoch) alone and the position in it a function of the
+step, so a resumed run sees exactly the batches the uninterrupted run would have seen, and a
+global batch is the same examples however it is split across processes and micro-batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mamba_ft import data as data_lib
+from mamba_ft import precision
+from mamba_ft.errors import UserError
+from mamba_ft.recipe import Recipe, load_recipe
+
+# Sections whose change makes an output_dir hold "a different run".
+_RUN_IDENTITY = ("model", "adapter", "precision", "data", "optim", "schedule")
+_RUN_IDENTITY_KEYS = ("micro_batch_size", "grad_accum_steps", "seed")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    step_losses: list[float]
+    initial_eval_loss: float | None = None
+    final_eval_loss: float | None = None
+    skipped_steps: int = 0
+    saved_to: Path | None = None  # adapter or model directory
+    metrics_path: Path | None = None
+    plot_path: Path | None = None
+    evaluation: dict = field(default_factory=dict)
+
+
+def train_from_recipe(recipe_path: str, overrides: list[str] | None = None) -> TrainResult:
+    """What `mamba-ft train` runs: load and validate the recipe, train, say where things are."""
+    recipe = load_recipe(recipe_path, overrides)
+    result = train(recipe)
+    if _is_main():
+        print(f"\ntrained {result.steps} steps; eval loss {_fmt(result.initial_eval_loss)} -> "
+              f"{_fmt(result.final_eval_loss)}")
+        print(f"  output dir: {result.output_dir}")
+        for label, path in (("saved", result.saved_to), ("metrics", result.metrics_path),
+                            ("loss curve", result.plot_path)):
+            if path is not None:
+                print(f"  {label}: {path}")
+    return result
+
+
+def train(recipe: Recipe, *, model=None, tokenizer=None, train_dataset=None, eval_dataset=None) -> TrainResult:
+    """Train as the recipe says. Pre-built datasets (columns input_ids, labels) skip data loading."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import GradScalerKwargs, set_seed
+
+    run, cfg_log = recipe.run, recipe.logging
+    # -- 1. accelerator and output dir ---------------------------------------------------------
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    trackers = _trackers(cfg_log)
+    # Accelerate keeps its settings in process-wide singletons; a second train() call in the
+    # same process (tests, sweeps) may ask for another precision, so start them afresh. The
+    # process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    accelerator = Accelerator(
+        mixed_precision=precision.mixed_precision_for(recipe.precision.mode, torch.device(device_type)),
+        gradient_accumulation_steps=run.grad_accum_steps,
+        log_with=trackers or None,
+        project_dir=run.output_dir,
+        cpu=device_type == "cpu",  # also makes a multi-process launch without GPUs use gloo
+        kwargs_handlers=[GradScalerKwargs(init_scale=recipe.precision.fp16_init_scale)],
+    )
+    precision.set_tf32(recipe.precision.tf32)
+    out = Path(run.output_dir)
+    resume_from = _check_output_dir(recipe, out, accelerator)
+    set_seed(run.seed)
+
+    # -- 2. model, adapters, data, optimizer, schedule -----------------------------------------
+    if model is None:
+        from mamba_ft.models import load_model
+
+        loaded = load_model(recipe.model.source, tokenizer=recipe.model.tokenizer,
+                            need_tokenizer=tokenizer is None or train_dataset is None,
+                            allow_transformers=recipe.model.kind != "mamba",
+                            seed=recipe.model.init_seed if recipe.model.init_seed is not None else run.seed)
+        model, is_mamba = loaded.model, loaded.is_mamba
+        tokenizer = tokenizer or loaded.tokenizer
+        if recipe.model.kind == "transformer" and is_mamba:
+            raise UserError(f"model.kind is 'transformer' but {recipe.model.source} is a Mamba; "
+                            f"set model.kind: mamba (or auto).")
+    else:
+        from mamba_ft.models import mixers
+
+        is_mamba = bool(mixers(model))
+        if tokenizer is None and train_dataset is None:
+            tokenizer = _recipe_tokenizer(recipe)
+    if recipe.data.packing and not is_mamba:
+        raise UserError("data.packing is only supported for Mamba models (their state restarts at "
+                        "document starts); a Transformer baseline would attend across documents. "
+                        "Set data.packing: false.")
+
+    adapter_report = None
+    if recipe.adapter is not None:
+        from mamba_ft.adapters import attach_adapters
+
+        adapter_report = attach_adapters(model, recipe.adapter)
+        if _is_main():
+            print(adapter_report.format())
+    precision.enforce_fp32(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise UserError("Nothing to train: no parameter requires a gradient.")
+
+    train_data, eval_data = _datasets(recipe, tokenizer, train_dataset, eval_dataset, accelerator)
+    pad_id = _pad_id(tokenizer)
+    world = accelerator.num_processes
+    global_batch = run.micro_batch_size * run.grad_accum_steps * world
+    steps_per_epoch = len(train_data) // global_batch
+    if steps_per_epoch == 0:
+        raise UserError(f"The training data has {len(train_data)} rows, fewer than one global batch "
+                        f"({global_batch} = micro_batch_size x grad_accum_steps x processes); "
+                        f"add data or lower run.micro_batch_size / run.grad_accum_steps.")
+    total_steps = run.max_steps or max(1, int(run.epochs * steps_per_epoch))
+
+    optimizer = torch.optim.AdamW(trainable, lr=recipe.optim.lr, betas=recipe.optim.betas,
+                                  eps=recipe.optim.eps, weight_decay=recipe.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe.schedule, total_steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The scheduler is not prepared: it steps once per optimizer step, whatever the process count.
+
+    # -- 3. resume ------------------------------------------------------------------------------
+    step, step_losses, skipped = 0, [], precision.SkippedSteps()
+    if resume_from is not None:
+        step, step_losses, skipped.count = _load_checkpoint(resume_from, model, optimizer, scheduler,
+                                                            accelerator)
+        if _is_main():
+            print(f"resumed from {resume_from} at step {step}")
+    metrics = _Metrics(out / "metrics.jsonl", accelerator, keep_through=step, fresh=resume_from is None)
+    if trackers:
+        accelerator.init_trackers(cfg_log.wandb_project or "mamba-ft", config=recipe.model_dump(mode="json"))
+
+    # -- 4. loop ----------------------------------------------------------------------------------
+    def evaluate() -> float | None:
+        if eval_data is None:
+            return None
+        loss = _eval_loss(model, eval_data, run, pad_id, accelerator)
+        metrics.write({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}, trackers)
+        return loss
+
+    initial_eval = evaluate() if resume_from is None else metrics.first_eval()
+    progress = _progress(cfg_log, total_steps, step, accelerator)
+    checked_adapter_grads = adapter_report is None or resume_from is not None
+    model.train()
+    while step < total_steps:
+        started = time.perf_counter()
+        batches = [data_lib.collate(train_data[idx], pad_id)
+                   for idx in _micro_batch_indices(step, run, steps_per_epoch, len(train_data),
+                                                   world, accelerator.process_index)]
+        # Loss normaliser: target tokens of the whole global batch (all accumulation steps and
+        # processes). Each micro-batch contributes sum(token losses) / n_global, scaled by
+        # grad_accum_steps (accelerator.backward divides by it) and by the process count (DDP
+        # averages gradients over processes), so the update is the per-token mean over the
+        # global batch however it is split.
+        local_targets = sum(data_lib.count_targets(b) for b in batches)
+        n_global = int(accelerator.reduce(torch.tensor(local_targets, device=accelerator.device), "sum"))
+        scale = run.grad_accum_steps * world / max(n_global, 1)
+        loss_sum = torch.zeros((), device=accelerator.device)
+        grad_norm = None
+        for batch in batches:
+            with accelerator.accumulate(model):
+                token_loss_sum = _forward_loss_sum(model, batch, accelerator, backward_scale=scale)
+                loss_sum += token_loss_sum.detach()
+                if not checked_adapter_grads:
+                    from mamba_ft.adapters import check_adapter_gradients
+
+                    check_adapter_gradients(accelerator.unwrap_model(model))
+                    checked_adapter_grads = True
+                if accelerator.sync_gradients:
+                    if recipe.optim.max_grad_norm is not None:
+                        grad_norm = float(accelerator.clip_grad_norm_(trainable, recipe.optim.max_grad_norm))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+        step_loss = float(accelerator.reduce(loss_sum, "sum")) / max(n_global, 1)
+        if not math.isfinite(step_loss):
+            last = _latest_checkpoint(out)
+            raise UserError(f"The training loss became {step_loss} at step {step + 1}; stopped. "
+                            f"{'The last good checkpoint is ' + str(last) if last else 'No checkpoint was written'}"
+                            f". Lower optim.lr, use precision.mode: bf16 or fp32, or check the data.")
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
+        if not skipped.update(accelerator):  # a skipped fp16 step does not advance the schedule
+            scheduler.step()
+        step += 1
+        step_losses.append(step_loss)
+
+        tokens = int(accelerator.reduce(torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches),
+                                                     device=accelerator.device), "sum"))
+        tokens_per_s = tokens / max(time.perf_counter() - started, 1e-9)
+        if step % cfg_log.every == 0 or step == total_steps:
+            metrics.write({"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                           "tokens_per_s": round(tokens_per_s, 1), "peak_memory_mb": _peak_memory_mb(),
+                           "skipped_steps": skipped.count}, trackers)
+        if progress is not None:
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            progress.update(1)
+        if run.eval_every and step % run.eval_every == 0 and step < total_steps:
+            evaluate()
+            model.train()
+        if run.save_every and step % run.save_every == 0:
+            _save_checkpoint(out, step, step_losses, skipped.count, model, optimizer, scheduler,
+                             accelerator, run.keep_last)
+    if progress is not None:
+        progress.close()
+
+    # -- 5. final eval, save, plot, hooks ---------------------------------------------------------
+    final_eval = evaluate()
+    result = TrainResult(output_dir=out, steps=step, step_losses=step_losses, initial_eval_loss=initial_eval,
+                         final_eval_loss=final_eval, skipped_steps=skipped.count, metrics_path=metrics.path)
+    # keep_fp32_wrapper=False: hand back a plain module, without the autocast wrapper on forward.
+    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    if _is_main():
+        if run.save_final:
+            result.saved_to = _save_final(recipe, unwrapped, tokenizer, out)
+        if cfg_log.plot:
+            result.plot_path = _plot(metrics.path, out / "loss.png")
+        if recipe.evaluation.icl_rules is not None:
+            result.evaluation["icl_rules"] = _icl_rules_eval(recipe.evaluation.icl_rules, unwrapped, tokenizer, out)
+    accelerator.wait_for_everyone()
+    if trackers:
+        accelerator.end_training()
+    return result
+
+
+# --- setup helpers -------------------------------------------------------------------------------
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _trackers(cfg_log) -> list[str]:
+    trackers = []
+    if cfg_log.tensorboard:
+        trackers.append("tensorboard")
+    if cfg_log.wandb_project:
+        trackers.append("wandb")
+    for name, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if name in trackers:
+            try:
+                __import__(module)
+            except ImportError:
+                raise UserError(f"logging asks for {name} but the {module} package is not installed; "
+                                f"pip install {module}, or turn it off in the recipe.") from None
+    return trackers
+
+
+def _run_identity(recipe: Recipe) -> dict:
+    dumped = recipe.model_dump(mode="json")
+    identity = {key: dumped[key] for key in _RUN_IDENTITY}
+    identity["run"] = {key: dumped["run"][key] for key in _RUN_IDENTITY_KEYS}
+    return identity
+
+
+def _check_output_dir(recipe: Recipe, out: Path, accelerator) -> Path | None:
+    """Refuse an output_dir holding another run; write the resolved recipe; the checkpoint to resume."""
+    run = recipe.run
+    saved = out / "recipe.yaml"
+    occupied = out.exists() and any(out.iterdir())
+    resume_from = None
+    if run.resume not in (None, "auto"):
+        resume_from = Path(run.resume)
+        if not (resume_from / "trainer_state.json").is_file():
+            raise UserError(f"run.resume points to {resume_from}, which is not a mamba-ft checkpoint "
+                            f"(no trainer_state.json); use 'auto' or a checkpoints/step-N directory.")
+    elif run.resume == "auto":
+        resume_from = _latest_checkpoint(out)
+    if occupied and not run.overwrite:
+        if not saved.is_file():
+            raise UserError(f"output_dir {out} is not empty and holds no mamba-ft run; choose another "
+                            f"run.output_dir (mamba-ft never writes into a directory of other files).")
+        import yaml
+
+        previous = yaml.safe_load(saved.read_text())
+        try:
+            same = _run_identity(Recipe.model_validate(previous)) == _run_identity(recipe)
+        except Exception:
+            same = False
+        if not same:
+            raise UserError(f"output_dir {out} already holds a different run (its recipe.yaml differs); "
+                            f"choose another run.output_dir, or set run.overwrite: true to replace it.")
+        if resume_from is None and run.resume == "auto":
+            raise UserError(f"output_dir {out} holds this run but no checkpoint to resume from; set "
+                            f"run.overwrite: true to start it again, or choose another run.output_dir.")
+        if resume_from is None:
+            raise UserError(f"output_dir {out} already holds this run; set run.resume: auto to continue "
+                            f"it, or run.overwrite: true to start it again.")
+    accelerator.wait_for_everyone()  # every process has looked before the main one writes
+    if accelerator.is_main_process:
+        if occupied and run.overwrite and resume_from is None and (out / "checkpoints").is_dir():
+            print(f"run.overwrite: replacing the checkpoints of the previous run in {out}")
+            shutil.rmtree(out / "checkpoints")
+        out.mkdir(parents=True, exist_ok=True)
+        saved.write_text(recipe.to_yaml())
+    accelerator.wait_for_everyone()
+    return resume_from
+
+
+def _datasets(recipe, tokenizer, train_dataset, eval_dataset, accelerator):
+    """Tokenized train/eval datasets: given ones as they are, else built from data section."""
+    if train_dataset is not None:
+        for name, ds in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            if ds is not None and not {"input_ids", "labels"} <= set(ds.column_names):
+                raise UserError(f"{name} must have columns input_ids and labels; found "
+                                f"{', '.join(ds.column_names)}.")
+        return train_dataset, eval_dataset
+    # The main process tokenizes first; the others then read datasets' cache.
+    with accelerator.main_process_first():
+        built = {}
+        for what, source in (("train", recipe.data.train), ("eval", recipe.data.eval)):
+            if source is None:
+                built[what] = None
+                continue
+            tokenized = data_lib.tokenize_rows(data_lib.load_rows(source, what), recipe.data, tokenizer, what)
+            if accelerator.is_main_process and (tokenized.n_truncated or tokenized.n_dropped):
+                print(f"{what}: {tokenized.n_truncated} of {tokenized.n_examples} examples truncated to "
+                      f"{recipe.data.max_length} tokens, {tokenized.n_dropped} dropped (no target left)")
+            built[what] = tokenized.dataset
+    return built["train"], built["eval"]
+
+
+def _recipe_tokenizer(recipe: Recipe):
+    """The tokenizer a recipe names (model.tokenizer, else beside model.source)."""
+    from mamba_ft.models import load_tokenizer, resolve_source
+
+    where = recipe.model.tokenizer or recipe.model.source
+    if not isinstance(where, str):
+        raise UserError("The data must be tokenized but the recipe names no tokenizer; set model.tokenizer.")
+    return load_tokenizer(resolve_source(where), where)
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer is None:
+        return 0
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def _lr_lambda(schedule, total_steps: int):
+    def factor(step: int) -> float:
+        if step < schedule.warmup_steps:
+            return (step + 1) / (schedule.warmup_steps + 1)
+        if schedule.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - schedule.warmup_steps) / max(1, total_steps - schedule.warmup_steps))
+        shape = 1.0 - progress if schedule.kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return schedule.min_lr_ratio + (1.0 - schedule.min_lr_ratio) * shape
+    return factor
+
+
+def _micro_batch_indices(step: int, run, steps_per_epoch: int, n_rows: int, world: int, rank: int):
+    """This process's micro-batches (row indices) for optimizer step `step` (0-based).
+
+    The global batch of a step is a fixed slice of the epoch's permutation; accumulation step
+    a, process p take consecutive micro-batch-sized pieces of it, so 1 process x micro 4 and
+    2 processes x micro 2 see the same examples in each step.
+    """
+    epoch, within = divmod(step, steps_per_epoch)
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(run.seed + epoch)).tolist()
+    micro = run.micro_batch_size
+    base = within * micro * run.grad_accum_steps * world
+    return [order[base + (a * world + rank) * micro: base + (a * world + rank + 1) * micro]
+            for a in range(run.grad_accum_steps)]
+
+
+# --- forward, loss, eval -------------------------------------------------------------------------
+
+def _forward_loss_sum(model, batch, accelerator, backward_scale: float | None = None):
+    """Sum of next-token cross-entropies over the batch's targets (fp32); backward if asked.
+
+    Packed rows run inside `document_starts` (forward and backward) so the Mamba state
+    restarts at each document.
+    """
+    from mamba_ft.models import document_starts
+
+    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    starts = batch.pop("document_starts", None)
+    labels = batch.pop("labels")
+    boundary = document_starts(accelerator.unwrap_model(model), starts) if starts is not None else nullcontext()
+    with boundary:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        loss_sum = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                                   ignore_index=data_lib.IGNORE, reduction="sum")
+        if backward_scale is not None:
+            accelerator.backward(loss_sum * backward_scale)
+    return loss_sum
+
+
+@torch.no_grad()
+def _eval_loss(model, eval_data, run, pad_id, accelerator) -> float:
+    """Mean per-token loss over the eval set (or its first eval_batches micro-batches)."""
+    model.eval()
+    micro, world, rank = run.micro_batch_size, accelerator.num_processes, accelerator.process_index
+    n_batches = math.ceil(len(eval_data) / micro)
+    if run.eval_batches is not None:
+        n_batches = min(n_batches, run.eval_batches)
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for b in range(rank, n_batches, world):
+        batch = data_lib.collate(eval_data[b * micro: (b + 1) * micro], pad_id)
+        total[0] += _forward_loss_sum(model, batch, accelerator).double()
+        total[1] += data_lib.count_targets(batch)
+    total = accelerator.reduce(total, "sum")
+    return float(total[0] / total[1].clamp(min=1))
+
+
+# --- metrics, progress, plot ---------------------------------------------------------------------
+
+class _Metrics:
+    """metrics.jsonl: one JSON row per logged step (train) or eval, written by the main process."""
+
+    def __init__(self, path: Path, accelerator, keep_through: int, fresh: bool):
+        self.path, self.accelerator = path, accelerator
+        if accelerator.is_main_process:
+            rows = [] if fresh or not path.exists() else [json.loads(line) for line in path.read_text().splitlines() if line]
+            # On resume, rows written after the checkpoint's step belong to the lost future.
+            rows = [r for r in rows if r["step"] <= keep_through]
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def write(self, row: dict, trackers) -> None:
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if trackers:
+            self.accelerator.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+
+    def first_eval(self) -> float | None:
+        if not self.path.exists():
+            return None
+        for line in self.path.read_text().splitlines():
+            row = json.loads(line)
+            if "eval_loss" in row:
+                return row["eval_loss"]
+        return None
+
+
+def _progress(cfg_log, total_steps: int, step: int, accelerator):
+    if not (cfg_log.progress_bar and accelerator.is_main_process):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
+def _plot(metrics_path: Path, png: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train loss")
+    if eval_rows:
+        ax.plot([r["step"] for r in eval_rows], [r["eval_loss"] for r in eval_rows], "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / target token)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+# --- checkpoints and final save ------------------------------------------------------------------
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((p for p in (out / "checkpoints").glob("step-*") if (p / "trainer_state.json").is_file()),
+                   key=lambda p: int(p.name.split("-")[1])) if (out / "checkpoints").is_dir() else []
+    return found[-1] if found else None
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(out, step, step_losses, skipped, model, optimizer, scheduler, accelerator, keep_last):
+    """Write checkpoints/step-N atomically (temporary dir, then rename); keep the last k."""
+    from safetensors.torch import save_file
+
+    root = out / "checkpoints"
+    final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of our own interrupted save
+        tmp.mkdir(parents=True)
+        save_file(_trainable_state(accelerator.unwrap_model(model)), str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None},
+                   tmp / "optimizer.pt")
+    accelerator.wait_for_everyone()
+    # Every process saves its own RNG states (dropout, anything random in the forward).
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # Plain tensors and tuples only, so loading needs no pickled code (weights_only=True).
+    torch.save({"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                       has_gauss, gauss),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               tmp / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(
+            {"step": step, "step_losses": step_losses, "skipped_steps": skipped,
+             "num_processes": accelerator.num_processes}))
+        os.replace(tmp, final)
+        older = sorted((p for p in root.glob("step-*")), key=lambda p: int(p.name.split("-")[1]))
+        for stale in older[:-keep_last]:
+            shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler, accelerator):
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "trainer_state.json").read_text())
+    if state["num_processes"] != accelerator.num_processes:
+        raise UserError(f"Checkpoint {path} was written by {state['num_processes']} processes and this "
+                        f"run has {accelerator.num_processes}; resume with the same number of processes.")
+    unwrapped = accelerator.unwrap_model(model)
+    trainable = load_file(str(path / "trainable.safetensors"))
+    params = dict(unwrapped.named_parameters())
+    with torch.no_grad():
+        for name, value in trainable.items():
+            params[name].copy_(value)
+    saved = torch.load(path / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if accelerator.scaler and saved["scaler"]:
+        accelerator.scaler.load_state_dict(saved["scaler"])
+    rng = torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=True)
+    random.setstate(rng["python"])
+    name, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state["step"], list(state["step_losses"]), state["skipped_steps"]
+
+
+def _save_final(recipe: Recipe, model, tokenizer, out: Path) -> Path:
+    """The adapter (PEFT-style dir) or, for full training, the whole model with its tokenizer."""
+    if recipe.adapter is not None:
+        from mamba_ft.adapters import merge_adapters, save_adapters
+
+        target = out / "adapter"
+        save_adapters(model, target, base_model=str(recipe.model.source))
+        if recipe.run.merge_at_end:
+            merge_adapters(model)
+            model.save_pretrained(out / "merged")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(out / "merged")
+        return target
+    target = out / "model"
+    model.save_pretrained(target)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(target)
+    return target
+
+
+def _icl_rules_eval(cfg, model, tokenizer, out: Path) -> dict:
+    from mamba_ft.synthetic.icl_rules import few_shot_accuracy
+
+    accuracy = few_shot_accuracy(model, tokenizer, shots=cfg.shots, queries_per_rule=cfg.queries_per_rule,
+                                 seed=cfg.seed)
+    (out / "icl_rules.json").write_text(json.dumps(accuracy, indent=2))
+    print("icl_rules few-shot accuracy (chance 1/6): " + ", ".join(f"{k}-shot {v:.2f}" for k, v in accuracy.items()))
+    return accuracy
