@@ -1,0 +1,160 @@
+"""The synthetic-experiment file (recipes/synthetic/*.yaml): what to generate, which models to
+train, how, and what to sweep.
+
+A file (or a bare task name, which takes every default) plus dotted `key=value` overrides is
+validated here; unknown keys and out-of-range values are one `UserError` each. Lists under
+`models.mamba` (d_model, d_state) are sweeps: every combination is trained; one Transformer is
+trained per Mamba width, sized to match the Mamba of that width at `match_d_state`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mamba_ft.errors import UserError, did_you_mean
+from mamba_ft.recipe import apply_override
+from mamba_ft.synthetic.base import make_task, task_names
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MambaSweep(_Section):
+    d_model: list[int] = [64]
+    d_state: list[int] = [16]
+    n_layer: int = Field(2, ge=1, le=128)
+    expand: int = Field(2, ge=1, le=8)
+
+    @field_validator("d_model", "d_state", mode="before")
+    @classmethod
+    def _as_list(cls, value):
+        return value if isinstance(value, list) else [value]
+
+    @field_validator("d_model", "d_state")
+    @classmethod
+    def _positive(cls, values):
+        if not values or any(v < 1 for v in values):
+            raise ValueError("must be a non-empty list of positive integers")
+        return values
+
+
+class TransformerSpec(_Section):
+    family: Literal["llama", "gpt_neox"] = "llama"
+    n_layer: int = Field(2, ge=1, le=128)
+    head_dim: int = Field(16, ge=2, le=256)
+    match_d_state: int | None = Field(None, description="size-match the Mamba with this d_state (default: the first)")
+
+
+class ModelsSpec(_Section):
+    mamba: MambaSweep | None = MambaSweep()
+    transformer: TransformerSpec | None = TransformerSpec()
+
+    @model_validator(mode="after")
+    def _some_model(self):
+        if self.mamba is None and self.transformer is None:
+            raise ValueError("train at least one of 'mamba' or 'transformer'")
+        if self.mamba is None:
+            raise ValueError("the Transformer is sized to match a Mamba; keep a 'mamba' section")
+        return self
+
+
+class TrainingSpec(_Section):
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    max_grad_norm: float = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+class SynthSpec(_Section):
+    task: str
+    task_args: dict = {}
+    variants: list[dict] = Field([{}], description="task_args overrides; each is a separate run")
+    train_lengths: tuple[int, int] = Field(description="[shortest, longest] training length")
+    test_lengths: list[int]
+    n_train: int = Field(10_000, ge=1)
+    n_test: int = Field(100, ge=1)
+    seed: int = 0
+    models: ModelsSpec = ModelsSpec()
+    training: TrainingSpec = TrainingSpec()
+    eval_batch_size: int = Field(64, ge=1)
+    decoding: list[Literal["teacher_forced", "greedy"]] = ["teacher_forced", "greedy"]
+
+    @model_validator(mode="after")
+    def _check_task(self):
+        lo, hi = self.train_lengths
+        if lo > hi:
+            raise ValueError(f"train_lengths [{lo}, {hi}]: the shortest must not exceed the longest")
+        if not self.test_lengths:
+            raise ValueError("test_lengths must list at least one length")
+        if not self.variants:
+            raise ValueError("variants must hold at least one entry ({} for the plain task)")
+        return self
+
+    def tasks(self):
+        """(variant label, task) per variant; every parameter and length checked."""
+        out = []
+        for variant in self.variants:
+            task = make_task(self.task, **{**self.task_args, **variant})
+            for length in self.train_lengths:
+                task.check_length(length, "Training length")
+            for length in self.test_lengths:
+                task.check_length(length, "Test length")
+            label = ",".join(f"{k}={v}" for k, v in variant.items()) or self.task
+            out.append((label, task))
+        return out
+
+
+# Defaults for `mamba-ft synth TASK` without a file: CPU-sized, a few minutes at most.
+TASK_DEFAULTS = {
+    "copy": {"train_lengths": [1, 10], "test_lengths": [5, 10, 20, 40]},
+    "prefix_ngram": {"train_lengths": [8, 20], "test_lengths": [10, 20, 40, 80]},
+    "suffix_ngram": {"train_lengths": [8, 20], "test_lengths": [10, 20, 40, 80]},
+    "mqar": {"task_args": {"keys": 64, "values": 64}, "train_lengths": [2, 8], "test_lengths": [4, 8, 16, 32]},
+    "arithmetic": {"variants": [{"form": "direct"}, {"form": "cot"}], "train_lengths": [1, 4],
+                   "test_lengths": [2, 4, 6]},
+    "lis": {"variants": [{"form": "direct"}, {"form": "cot"}], "train_lengths": [2, 10],
+            "test_lengths": [5, 10, 15]},
+}
+
+
+def load_spec(target: str, overrides: list[str] | None = None) -> SynthSpec:
+    """A spec from a YAML file, or from a task name with its defaults; then the overrides."""
+    path = Path(target)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise UserError(f"Synthetic recipe {target!r} does not exist; pass a YAML file (see "
+                            f"recipes/synthetic/) or a task name: {', '.join(task_names())}.")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise UserError(f"Synthetic recipe {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+        if not isinstance(data, dict):
+            raise UserError(f"Synthetic recipe {path} must be a mapping (task, train_lengths, ...).")
+        where = str(path)
+    else:
+        if target not in TASK_DEFAULTS:
+            raise UserError(f"Unknown synthetic task {target!r}; choose one of: {', '.join(task_names())}, "
+                            f"or pass a recipe file." + did_you_mean(target, TASK_DEFAULTS))
+        data = {"task": target, **yaml.safe_load(yaml.safe_dump(TASK_DEFAULTS[target]))}
+        where = f"the defaults of task {target!r}"
+    for item in overrides or []:
+        apply_override(data, item)
+    try:
+        spec = SynthSpec.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        dotted = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            raise UserError(f"Unknown key {dotted!r} in {where}; see docs/synthetic.md for the keys.") from None
+        raise UserError(f"Key {dotted!r} in {where}: {err['msg'].removeprefix('Value error, ')}.") from None
+    spec.tasks()  # task name, task parameters and lengths: UserError on anything out of range
+    return spec
