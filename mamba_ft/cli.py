@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="directory for results.json, results.md and the plots")
     p.add_argument("--batch-size", default="8")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", help="dtype the weights are loaded in")
+    p.add_argument("--autocast", default=None, choices=["bfloat16", "float16"],
+                   help="run the forwards under autocast (weights stay in --dtype)")
     p.add_argument("--online", action="store_true", help="let datasets and models come from the Hugging Face Hub")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     p.set_defaults(func=_icl)
