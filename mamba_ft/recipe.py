@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mamba_ft.adapters import AdapterConfig
 from mamba_ft.errors import UserError, did_you_mean
+from mamba_ft.evaluation.sweep import IclSweepConfig
 
 
 class Section(BaseModel):
@@ -125,6 +126,9 @@ class IclRulesEval(Section):
 
 class EvaluationSection(Section):
     icl_rules: IclRulesEval | None = None
+    # The lm-eval few-shot sweep after training (needs the `eval` extra): fine-tuned model,
+    # its base ("before") and any baselines; writes output_dir/icl/ and logs the gain.
+    icl_sweep: IclSweepConfig | None = None
 
 
 class Recipe(Section):

@@ -245,6 +245,8 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, train_dataset=None, eva
             result.plot_path = _plot(metrics.path, out / "loss.png")
         if recipe.evaluation.icl_rules is not None:
             result.evaluation["icl_rules"] = _icl_rules_eval(recipe.evaluation.icl_rules, unwrapped, tokenizer, out)
+        if recipe.evaluation.icl_sweep is not None:
+            result.evaluation["icl_sweep"] = _icl_sweep(recipe, unwrapped, tokenizer, out)
     accelerator.wait_for_everyone()
     if trackers:
         accelerator.end_training()
@@ -607,3 +609,14 @@ def _icl_rules_eval(cfg, model, tokenizer, out: Path) -> dict:
     (out / "icl_rules.json").write_text(json.dumps(accuracy, indent=2))
     print("icl_rules few-shot accuracy (chance 1/6): " + ", ".join(f"{k}-shot {v:.2f}" for k, v in accuracy.items()))
     return accuracy
+
+
+def _icl_sweep(recipe: Recipe, model, tokenizer, out: Path) -> dict:
+    from mamba_ft.evaluation.sweep import run_after_training
+
+    source = recipe.model.source
+    # A model trained from a bare config has no "before" checkpoint worth scoring.
+    from_config = isinstance(source, dict) or str(source).endswith((".json", ".yaml", ".yml"))
+    sweep = run_after_training(recipe.evaluation.icl_sweep, model, tokenizer,
+                               None if from_config else str(source), out / "icl")
+    return {"gains": sweep.gains, "ratios": sweep.ratios}

@@ -237,3 +237,19 @@ def test_missing_tracker_package_is_a_user_error(tmp_path):
     d["logging"]["tensorboard"] = True
     with pytest.raises(UserError, match="pip install tensorboard"):
         train_mod.train(validate_recipe(d))
+
+
+def test_recipe_icl_sweep_runs_after_training_against_the_base(tmp_path):
+    pytest.importorskip("lm_eval")
+    out = tmp_path / "icl-run"
+    result = train_mod.train_from_recipe(str(REPO / "recipes/quickstart.yaml"), [
+        f"run.output_dir={out}", "run.max_steps=2", "run.eval_batches=1", "logging.progress_bar=false",
+        "logging.plot=false", "evaluation.icl_sweep={tasks: [icl_copy], shots: [0, 1], seeds: [1], limit: 4}"])
+    sweep = result.evaluation["icl_sweep"]
+    # The fine-tuned model in memory and its base checkpoint ("before") are both scored, and
+    # the ratio is the fine-tuned gain over the base gain, as the report defines it.
+    assert set(sweep["gains"]) == {"fine-tuned", "base"}
+    assert sweep["ratios"]["fine-tuned"]["ratio"] == pytest.approx(
+        sweep["gains"]["fine-tuned"]["mean"] / sweep["gains"]["base"]["mean"])
+    rows = json.loads((out / "icl" / "results.json").read_text())
+    assert rows  # the report lands inside the run's output_dir
