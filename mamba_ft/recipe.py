@@ -157,15 +157,21 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise UserError(f"Recipe file {str(path)!r} does not exist; pass the path of a YAML recipe "
                         f"(see recipes/ for examples).")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"Recipe {path} is not valid YAML: {exc}".replace("\n", " ")) from None
-    if not isinstance(data, dict):
-        raise UserError(f"Recipe {path} must be a mapping of sections (model, data, run, ...).")
+    data = read_yaml_mapping(path, "Recipe", "sections: model, data, run, ...")
     for item in overrides or []:
         apply_override(data, item)
     return validate_recipe(data, where=str(path))
+
+
+def read_yaml_mapping(path: Path, what: str, expected: str) -> dict:
+    """The mapping in a YAML file (safe_load: no code runs); UserError for anything else."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{what} {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} must be a mapping ({expected}).")
+    return data
 
 
 def apply_override(data: dict, item: str) -> None:
@@ -191,31 +197,38 @@ def apply_override(data: dict, item: str) -> None:
 
 
 def validate_recipe(data: dict, where: str = "recipe") -> Recipe:
+    return validate_mapping(Recipe, data, where)
+
+
+def validate_mapping(schema: type[BaseModel], data: dict, where: str, what: str = "Recipe",
+                     docs: str = "docs/recipes.md"):
+    """`schema.model_validate(data)`, with the first error as one UserError naming the key path
+    (and, for an unknown key, the closest known one)."""
     try:
-        return Recipe.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as exc:
-        raise UserError(_describe(exc.errors()[0], where)) from None
+        raise UserError(_describe(exc.errors()[0], where, schema, what, docs)) from None
 
 
-def _describe(error: dict, where: str) -> str:
+def _describe(error: dict, where: str, schema: type[BaseModel], what: str, docs: str) -> str:
     loc = [part for part in error["loc"] if isinstance(part, (str, int))]
     dotted = ".".join(str(p) for p in loc) or "(top level)"
     if error["type"] == "extra_forbidden":
-        fields = _fields_at(loc[:-1])
+        fields = _fields_at(schema, loc[:-1])
         hint = did_you_mean(str(loc[-1]), fields) if fields else ""
         known = f" Known keys here: {', '.join(fields)}." if fields and not hint else ""
-        return f"Unknown recipe key {dotted!r} in {where}.{hint}{known}"
+        return f"Unknown {what.lower()} key {dotted!r} in {where}.{hint}{known}"
     if error["type"] == "missing":
-        return f"Recipe key {dotted!r} is missing in {where}; add it (docs/recipes.md lists every key)."
+        return f"{what} key {dotted!r} is missing in {where}; add it ({docs} lists every key)."
     value = error.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     message = error["msg"].removeprefix("Value error, ")
-    return f"Recipe key {dotted!r} in {where}: {message}{shown}."
+    return f"{what} key {dotted!r} in {where}: {message}{shown}."
 
 
-def _fields_at(loc: list) -> list[str]:
+def _fields_at(schema: type[BaseModel], loc: list) -> list[str]:
     """Field names of the section at `loc`, found by walking the schema's annotations."""
-    model: type[BaseModel] | None = Recipe
+    model: type[BaseModel] | None = schema
     for part in loc:
         if model is None or not isinstance(part, str) or part not in model.model_fields:
             return []

@@ -149,7 +149,7 @@ def test_synth_cli_end_to_end(tmp_path, capsys):
     (["synth", "copy", "--set", "train_lengths=[5,2]"], "shortest must not exceed"),
     (["synth", "mqar", "--set", "test_lengths=[4,1000]"], "out of range"),
     (["synth", "copy", "--set", "models.mamba.d_state=0"], "positive"),
-    (["synth", "copy", "--set", "trainig.steps=5"], "Unknown key 'trainig'"),
+    (["synth", "copy", "--set", "trainig.steps=5"], "key 'trainig' in the defaults of task 'copy'. Did you mean 'training'?"),
     (["synth", "missing.yaml"], "does not exist"),
 ])
 def test_synth_cli_bad_input_exits_2(argv, message, capsys, tmp_path):

@@ -27,7 +27,6 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    MambaConfig,
     MambaForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
@@ -160,7 +159,7 @@ def _from_pretrained(cls, path, where: str, dtype, trust_remote_code: bool, conf
                                    local_files_only=Path(str(path)).exists())
     except OSError as exc:
         raise UserError(f"Could not load {where}: {exc}".rstrip(".") + ". Check the path, or "
-                        f"download the checkpoint where a network exists and pass its directory.") from None
+                        "download the checkpoint where a network exists and pass its directory.") from None
     except (RuntimeError, ValueError) as exc:
         if "mismatch" in str(exc) or "shape" in str(exc):
             raise UserError(f"The weights in {where} do not fit its config.json ({_first_line(exc)}); "

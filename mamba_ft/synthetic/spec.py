@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mamba_ft.errors import UserError, did_you_mean
-from mamba_ft.recipe import apply_override
+from mamba_ft.recipe import apply_override, read_yaml_mapping, validate_mapping
 from mamba_ft.synthetic.base import make_task, task_names
 
 
@@ -133,12 +133,7 @@ def load_spec(target: str, overrides: list[str] | None = None) -> SynthSpec:
         if not path.is_file():
             raise UserError(f"Synthetic recipe {target!r} does not exist; pass a YAML file (see "
                             f"recipes/synthetic/) or a task name: {', '.join(task_names())}.")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise UserError(f"Synthetic recipe {path} is not valid YAML: {exc}".replace("\n", " ")) from None
-        if not isinstance(data, dict):
-            raise UserError(f"Synthetic recipe {path} must be a mapping (task, train_lengths, ...).")
+        data = read_yaml_mapping(path, "Synthetic recipe", "task, train_lengths, ...")
         where = str(path)
     else:
         if target not in TASK_DEFAULTS:
@@ -148,13 +143,6 @@ def load_spec(target: str, overrides: list[str] | None = None) -> SynthSpec:
         where = f"the defaults of task {target!r}"
     for item in overrides or []:
         apply_override(data, item)
-    try:
-        spec = SynthSpec.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        dotted = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            raise UserError(f"Unknown key {dotted!r} in {where}; see docs/synthetic.md for the keys.") from None
-        raise UserError(f"Key {dotted!r} in {where}: {err['msg'].removeprefix('Value error, ')}.") from None
+    spec = validate_mapping(SynthSpec, data, where, what="Synthetic recipe", docs="docs/synthetic.md")
     spec.tasks()  # task name, task parameters and lengths: UserError on anything out of range
     return spec
