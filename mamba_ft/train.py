@@ -91,6 +91,7 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, train_dataset=None, eva
         cpu=device_type == "cpu",  # also makes a multi-process launch without GPUs use gloo
         kwargs_handlers=[GradScalerKwargs(init_scale=recipe.precision.fp16_init_scale)],
     )
+    _check_distributed(accelerator)
     precision.set_tf32(recipe.precision.tf32)
     out = Path(run.output_dir)
     resume_from = _check_output_dir(recipe, out, accelerator)
@@ -254,6 +255,22 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, train_dataset=None, eva
 
 
 # --- setup helpers -------------------------------------------------------------------------------
+
+def _check_distributed(accelerator) -> None:
+    """Refuse the launches mamba-ft cannot yet run correctly, before anything is loaded."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # FSDP1 cannot mix frozen base weights with trainable adapters (or fp32 SSM parameters
+        # with bf16 ones) in one unit, and saving adapters from FSDP2's sharded parameters is
+        # not verified yet: refusing is better than a run that saves empty or wrong adapters.
+        raise UserError("FSDP launches are not supported yet; launch with data parallel "
+                        "instead (accelerate launch --config_file configs/accelerate/ddp.yaml).")
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU,
+                                            DistributedType.MULTI_CPU):
+        raise UserError(f"Accelerate's {accelerator.distributed_type.value} launch is not supported; "
+                        f"use configs/accelerate/ddp.yaml (or no launcher on one device).")
+
 
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0

@@ -253,3 +253,22 @@ def test_recipe_icl_sweep_runs_after_training_against_the_base(tmp_path):
         sweep["gains"]["fine-tuned"]["mean"] / sweep["gains"]["base"]["mean"])
     rows = json.loads((out / "icl" / "results.json").read_text())
     assert rows  # the report lands inside the run's output_dir
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_unsupported_launches_are_refused_with_the_ddp_config(kind):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    with pytest.raises(UserError, match="configs/accelerate/ddp.yaml"):
+        train_mod._check_distributed(SimpleNamespace(distributed_type=DistributedType[kind]))
+
+
+def test_shipped_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    for path in sorted((REPO / "configs" / "accelerate").glob("*.yaml")):
+        # Accelerate's own loader: unknown keys or a wrong distributed_type raise.
+        config = ClusterConfig.from_yaml_file(str(path))
+        assert config.num_processes >= 1, path
