@@ -1,6 +1,44 @@
-"""mamba-ft's fused Triton kernels (installed as `mamba_ft.kernels`)."""
+"""mamba-ft's fused Triton kernels (installed as `mamba_ft.kernels`).
+
+`mamba_ft.ops` calls these on CUDA tensors when `available()` is True. Under
+`TRITON_INTERPRET=1` the same kernels run on CPU tensors (slowly), which is how CI tests them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # an absent or broken Triton install means: use the reference ops
+        return False
+    return True
 
 
 def available() -> bool:
-    """Whether the fused kernels can run here (Triton importable, kernels built in)."""
-    return False
+    """Whether the fused kernels can run here: Triton importable and a CUDA device present."""
+    import torch
+
+    return torch.cuda.is_available() and _triton_importable()
+
+
+def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                      initial_state=None, reset=None, return_last_state=False):
+    """Selective scan, same semantics as `mamba_ft.reference.selective_scan`."""
+    from mamba_ft.kernels.selective_scan import selective_scan_fn as fn
+
+    return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+              initial_state=initial_state, reset=reset, return_last_state=return_last_state)
+
+
+def causal_conv1d_fn(x, weight, bias=None, initial_state=None, reset=None, activation="silu",
+                     return_final_state=False):
+    """Causal depthwise conv1d, same semantics as `mamba_ft.reference.causal_conv1d`."""
+    from mamba_ft.kernels.causal_conv1d import causal_conv1d_fn as fn
+
+    return fn(x, weight, bias, initial_state=initial_state, reset=reset, activation=activation,
+              return_final_state=return_final_state)

@@ -1,0 +1,251 @@
+"""Benchmark mamba-ft's Triton selective scan and causal conv1d on a CUDA GPU.
+
+Times forward and forward+backward (median of `triton.testing.do_bench`) at the shapes of
+Mamba-130m (batch 8, d 1536) and Mamba-1.4B (batch 4, d 4096), L 2048, N 16, bf16 inputs with
+D, z, delta_bias and softplus, and reports effective GB/s from the issue's byte counts
+(about 10·d bytes per token forward, 28·d forward+backward). Compares, in the same run, with
+the pure-PyTorch reference and, when available, mamba_ssm's CUDA `selective_scan_fn`
+(`--mamba-ssm-src` points at an unpacked mamba-ssm source tree; its `selective_scan_cuda`
+extension is then built for sm_90 only).
+
+    python benchmarks/kernels.py [--mamba-ssm-src DIR] [--sweep] [--out benchmarks/results]
+
+Writes kernels.json and kernels.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+import types
+from pathlib import Path
+
+# Run as a script, this folder is sys.path[0], and this file would then be importable as a
+# top-level `kernels`, shadowing the Hugging Face package of that name: drop the folder.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+
+import torch  # noqa: E402
+import triton
+from triton.testing import do_bench
+
+from mamba_ft import reference
+from mamba_ft.kernels import causal_conv1d as conv_mod
+from mamba_ft.kernels import selective_scan as scan_mod
+
+SCAN_SHAPES = [(8, 1536, 2048, 16), (4, 4096, 2048, 16)]
+
+
+def build_mamba_ssm(src: Path):
+    """Import mamba_ssm's selective_scan_fn, compiling its CUDA extension (sm_90) if needed."""
+    from torch.utils.cpp_extension import load
+
+    cs = src / "csrc" / "selective_scan"
+    sources = [cs / "selective_scan.cpp"] + sorted(cs.glob("selective_scan_*.cu"))
+    flags = ["-O3", "-std=c++17", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+             "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+             "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
+             "--expt-relaxed-constexpr", "--expt-extended-lambda", "--use_fast_math",
+             "-gencode", "arch=compute_90,code=sm_90"]
+    build = Path(os.environ.get("MAMBA_SSM_BUILD", "/tmp/mamba_ssm_build"))
+    build.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    ext = load(name="selective_scan_cuda", sources=[str(s) for s in sources],
+               extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=flags,
+               extra_include_paths=[str(cs)], build_directory=str(build), verbose=False)
+    sys.modules["selective_scan_cuda"] = ext
+    # Import the interface module without running mamba_ssm/__init__.py (which pulls in the
+    # Mamba-2/3 modules and their optional dependencies).
+    pkg = types.ModuleType("mamba_ssm")
+    pkg.__path__ = [str(src / "mamba_ssm")]
+    sys.modules["mamba_ssm"] = pkg
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    return selective_scan_fn, time.time() - t0
+
+
+def scan_inputs(batch, d, L, N, layout, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def act(*shape, scale=1.0):
+        t = torch.randn(*shape, generator=g, device="cuda") * scale
+        if layout == "mixer":  # (batch, L, d)-major storage viewed as (batch, d, L)
+            return t.transpose(1, 2).contiguous().transpose(1, 2).to(torch.bfloat16)
+        return t.to(torch.bfloat16).contiguous()
+
+    return dict(
+        u=act(batch, d, L), delta=act(batch, d, L, scale=0.5),
+        A=-torch.exp(torch.rand(d, N, generator=g, device="cuda") * 2.5 - 1),
+        B=act(batch, N, L), C=act(batch, N, L),
+        D=torch.randn(d, generator=g, device="cuda"), z=act(batch, d, L),
+        delta_bias=torch.randn(d, generator=g, device="cuda") * 0.5,
+    )
+
+
+def time_scan(fn, inputs, backward: bool, rep=200):
+    if not backward:
+        with torch.no_grad():
+            return do_bench(lambda: fn(**inputs, delta_softplus=True), warmup=25, rep=rep,
+                            return_mode="median")
+    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}
+    grad_out = torch.randn_like(leaves["u"])
+
+    def step():
+        y = fn(**leaves, delta_softplus=True)
+        torch.autograd.grad(y, list(leaves.values()), grad_out)
+
+    return do_bench(step, warmup=25, rep=rep, return_mode="median")
+
+
+def bench_scan(mamba_ssm_fn):
+    rows = []
+    for batch, d, L, N in SCAN_SHAPES:
+        tokens = batch * L
+        for layout in ("mamba_ssm", "mixer"):
+            inputs = scan_inputs(batch, d, L, N, layout)
+            impls = {"mamba-ft triton": scan_mod.selective_scan_fn}
+            if mamba_ssm_fn is not None:
+                impls["mamba_ssm cuda"] = mamba_ssm_fn
+            if layout == "mamba_ssm" and d == 1536:
+                impls["pytorch reference"] = reference.selective_scan
+            for name, fn in impls.items():
+                rep = 30 if name == "pytorch reference" else 200
+                fwd = time_scan(fn, inputs, False, rep)
+                fwd_bwd = time_scan(fn, inputs, True, rep)
+                rows.append(dict(kind="selective_scan", impl=name, layout=layout, batch=batch,
+                                 d=d, L=L, N=N, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
+                                 fwd_GBps=10 * d * tokens / fwd / 1e6,
+                                 fwd_bwd_GBps=28 * d * tokens / fwd_bwd / 1e6))
+                print(f"scan {name:18s} {layout:9s} b={batch} d={d}: fwd {fwd:.3f} ms, "
+                      f"fwd+bwd {fwd_bwd:.3f} ms", flush=True)
+            if mamba_ssm_fn is not None:
+                with torch.no_grad():
+                    ours = scan_mod.selective_scan_fn(**inputs, delta_softplus=True).float()
+                    theirs = mamba_ssm_fn(**inputs, delta_softplus=True).float()
+                rows.append(dict(kind="agreement", layout=layout, batch=batch, d=d,
+                                 max_abs_diff=(ours - theirs).abs().max().item(),
+                                 ref_max_abs=theirs.abs().max().item()))
+    return rows
+
+
+def sweep_tiles():
+    """Forward and fwd+bwd time of other scan tile shapes (Mamba-130m shape)."""
+    rows = []
+    inputs = scan_inputs(8, 1536, 2048, 16, "mamba_ssm")
+    default = scan_mod._tile_sizes
+    # (chunk, BLOCK_D, warps): BLOCK_D * N = 32 * warps keeps time inside a thread.
+    for chunk, block_d, warps in [(32, 8, 4), (16, 8, 4), (16, 4, 2), (32, 4, 2), (64, 8, 4)]:
+        scan_mod._tile_sizes = lambda n, c=chunk, bd=block_d, w=warps: (c, 16, bd, w)
+        try:
+            fwd = time_scan(scan_mod.selective_scan_fn, inputs, False, 100)
+            fb = time_scan(scan_mod.selective_scan_fn, inputs, True, 100)
+        except Exception as exc:  # a config the compiler rejects is a result, not a crash
+            fwd = fb = float("nan")
+            print("sweep failed", chunk, block_d, warps, type(exc).__name__, exc)
+        rows.append(dict(kind="tile_sweep", chunk=chunk, block_d=block_d, num_warps=warps,
+                         fwd_ms=fwd, fwd_bwd_ms=fb))
+        print(f"sweep chunk={chunk} block_d={block_d} warps={warps}: fwd {fwd:.3f} "
+              f"fwd+bwd {fb:.3f}", flush=True)
+    scan_mod._tile_sizes = default
+    return rows
+
+
+def bench_conv():
+    rows = []
+    for batch, d, L, width in [(8, 1536, 2048, 4), (4, 4096, 2048, 4)]:
+        x = torch.randn(batch, d, L, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(d, width, device="cuda", dtype=torch.bfloat16) * 0.5
+        b = torch.randn(d, device="cuda", dtype=torch.bfloat16)
+        for name, fn in (("mamba-ft triton", conv_mod.causal_conv1d_fn),
+                         ("pytorch reference", reference.causal_conv1d)):
+            with torch.no_grad():
+                fwd = do_bench(lambda: fn(x, w, b), warmup=25, rep=100, return_mode="median")
+            leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+            g = torch.randn_like(x)
+            fb = do_bench(lambda: torch.autograd.grad(fn(*leaves), leaves, g), warmup=25,
+                          rep=100, return_mode="median")
+            # Fewest bytes: read x, write y (forward); + read x, dy, write dx (backward).
+            rows.append(dict(kind="causal_conv1d", impl=name, batch=batch, d=d, L=L,
+                             width=width, fwd_ms=fwd, fwd_bwd_ms=fb,
+                             fwd_GBps=4 * batch * d * L / fwd / 1e6,
+                             fwd_bwd_GBps=10 * batch * d * L / fb / 1e6))
+            print(f"conv {name:18s} b={batch} d={d}: fwd {fwd:.3f} ms, fwd+bwd {fb:.3f} ms",
+                  flush=True)
+    return rows
+
+
+def copy_bandwidth():
+    x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=10, rep=50, return_mode="median")
+    return 2 * x.numel() * 2 / ms / 1e6
+
+
+def env_info(extra=None):
+    info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+                device=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version())
+    info.update(extra or {})
+    return info
+
+
+def markdown(info, rows):
+    lines = [f"Device: {info['device']}; torch {info['torch']}, Triton {info['triton']}, "
+             f"CUDA {info['cuda']}; {info['date']}; copy bandwidth {info['copy_GBps']:.0f} GB/s "
+             f"(read + write).", ""]
+    lines += ["| op | impl | layout | shape (b, d, L, N/width) | fwd ms | fwd GB/s | fwd+bwd ms "
+              "| fwd+bwd GB/s |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] in ("selective_scan", "causal_conv1d"):
+            last = r.get("N", r.get("width"))
+            lines.append(f"| {r['kind']} | {r['impl']} | {r.get('layout', 'contiguous')} | "
+                         f"({r['batch']}, {r['d']}, {r['L']}, {last}) | {r['fwd_ms']:.3f} | "
+                         f"{r['fwd_GBps']:.0f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_GBps']:.0f} |")
+    sweep = [r for r in rows if r["kind"] == "tile_sweep"]
+    if sweep:
+        lines += ["", "| chunk | BLOCK_D | warps | fwd ms | fwd+bwd ms |", "|---|---|---|---|---|"]
+        lines += [f"| {r['chunk']} | {r['block_d']} | {r['num_warps']} | {r['fwd_ms']:.3f} | "
+                  f"{r['fwd_bwd_ms']:.3f} |" for r in sweep]
+    agree = [r for r in rows if r["kind"] == "agreement"]
+    if agree:
+        lines += ["", "Forward agreement with mamba_ssm (bf16 outputs): " + "; ".join(
+            f"b={r['batch']} d={r['d']} {r['layout']}: max |diff| {r['max_abs_diff']:.3g} "
+            f"(max |y| {r['ref_max_abs']:.3g})" for r in agree)]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mamba-ssm-src", type=Path, default=None)
+    p.add_argument("--sweep", action="store_true", help="also time other tile sizes")
+    p.add_argument("--build-only", action="store_true", help="only build mamba_ssm's extension")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = p.parse_args()
+    extra = {}
+    mamba_ssm_fn = None
+    if args.mamba_ssm_src is not None:
+        try:
+            mamba_ssm_fn, secs = build_mamba_ssm(args.mamba_ssm_src)
+            extra["mamba_ssm"] = f"2.3.2.post1 selective_scan_cuda built for sm_90 in {secs:.0f} s"
+        except Exception as exc:  # report, and still benchmark our own kernels
+            extra["mamba_ssm"] = f"build failed: {type(exc).__name__}: {str(exc)[-500:]}"
+        print("mamba_ssm:", extra["mamba_ssm"], flush=True)
+    if args.build_only:
+        return
+    extra["copy_GBps"] = copy_bandwidth()
+    info = env_info(extra)
+    rows = sweep_tiles() if args.sweep else []
+    rows += bench_scan(mamba_ssm_fn) + bench_conv()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernels.json").write_text(json.dumps(dict(info=info, rows=rows), indent=1))
+    md = markdown(info, rows)
+    (args.out / "kernels.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

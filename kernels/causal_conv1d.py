@@ -1,0 +1,262 @@
+"""Causal depthwise conv1d in Triton, forward and backward (widths up to 4), fp32 arithmetic.
+
+Semantics are exactly `mamba_ft.reference.causal_conv1d`: x (batch, d, L), weight (d, width),
+optional bias (d,), initial_state (batch, d, width - 1) holding the inputs before position 0,
+reset (batch, L) bool document starts (tap k of position t is used only if no document starts
+in (t - k, t]), optional SiLU.
+
+One program per (batch, tile of BLOCK_D channels, tile of BLOCK_L positions). The backward
+recomputes the pre-activation at t + k for each tap k instead of storing it (width is at most
+4, so that is a few extra reads that stay in cache), and writes dweight / dbias partials per
+program, summed on the host side: deterministic, no atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _tap_input(x_ptr, h0_ptr, s_x_d, s_x_l, offs_d, md, src, L, WIDTH: tl.constexpr,
+               HAS_H0: tl.constexpr):
+    """x at positions `src` (may be negative: then the initial state), 0 where absent."""
+    mx = md[:, None] & (src >= 0)[None, :] & (src < L)[None, :]
+    v = tl.load(x_ptr + offs_d[:, None] * s_x_d + src[None, :] * s_x_l, mask=mx,
+                other=0.0).to(tl.float32)
+    if HAS_H0:
+        mh = md[:, None] & (src < 0)[None, :] & (src >= 1 - WIDTH)[None, :]
+        hv = tl.load(h0_ptr + offs_d[:, None] * (WIDTH - 1) + (WIDTH - 1 + src)[None, :],
+                     mask=mh, other=0.0).to(tl.float32)
+        v = tl.where(mh, hv, v)
+    return v
+
+
+@triton.jit
+def _no_start(reset_ptr, s_r_l, pos, L):
+    """1 where no document starts at `pos` (positions outside [0, L) never start one)."""
+    m = (pos >= 0) & (pos < L)
+    r = tl.load(reset_ptr + pos * s_r_l, mask=m, other=0)
+    return r == 0
+
+
+@triton.jit
+def _pre_activation(x_ptr, w_ptr, bias, h0_ptr, reset_ptr, s_x_d, s_x_l, s_r_l,
+                    offs_d, md, offs_t, L,
+                    WIDTH: tl.constexpr, HAS_H0: tl.constexpr, HAS_RESET: tl.constexpr):
+    acc = tl.zeros([offs_d.shape[0], offs_t.shape[0]], dtype=tl.float32) + bias[:, None]
+    valid = offs_t >= -WIDTH  # all true
+    for k in tl.static_range(WIDTH):
+        if HAS_RESET:
+            if k > 0:
+                valid = valid & _no_start(reset_ptr, s_r_l, offs_t - k + 1, L)
+        w = tl.load(w_ptr + offs_d * WIDTH + (WIDTH - 1 - k), mask=md, other=0.0).to(tl.float32)
+        v = _tap_input(x_ptr, h0_ptr, s_x_d, s_x_l, offs_d, md, offs_t - k, L,
+                       WIDTH, HAS_H0)
+        acc += tl.where(valid[None, :], v * w[:, None], 0.0)
+    return acc
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, h0_ptr, reset_ptr, y_ptr,
+    d, L,
+    s_x_b, s_x_d, s_x_l, s_y_b, s_y_d, s_y_l, s_r_b, s_r_l,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_RESET: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid_l = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    md = offs_d < d
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    pre = _pre_activation(x_ptr + b * s_x_b, w_ptr, bias, h0_ptr + b * d * (WIDTH - 1),
+                          reset_ptr + b * s_r_b, s_x_d, s_x_l, s_r_l, offs_d, md, offs_t, L,
+                          WIDTH, HAS_H0, HAS_RESET)
+    y = pre
+    if SILU:
+        y = pre / (1.0 + tl.exp2(-pre * LOG2E))
+    m = md[:, None] & (offs_t < L)[None, :]
+    tl.store(y_ptr + b * s_y_b + offs_d[:, None] * s_y_d + offs_t[None, :] * s_y_l,
+             y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _dpre(x_ptr, w_ptr, bias, h0_ptr, reset_ptr, dy_ptr, s_x_d, s_x_l, s_r_l, s_o_d, s_o_l,
+          offs_d, md, offs_s, L,
+          WIDTH: tl.constexpr, HAS_H0: tl.constexpr, HAS_RESET: tl.constexpr,
+          SILU: tl.constexpr):
+    """Gradient at the pre-activation for positions `offs_s` (0 outside [0, L))."""
+    m = md[:, None] & (offs_s >= 0)[None, :] & (offs_s < L)[None, :]
+    g = tl.load(dy_ptr + offs_d[:, None] * s_o_d + offs_s[None, :] * s_o_l, mask=m,
+                other=0.0).to(tl.float32)
+    if SILU:
+        pre = _pre_activation(x_ptr, w_ptr, bias, h0_ptr, reset_ptr, s_x_d, s_x_l, s_r_l,
+                              offs_d, md, offs_s, L, WIDTH, HAS_H0, HAS_RESET)
+        sig = 1.0 / (1.0 + tl.exp2(-pre * LOG2E))
+        g = g * sig * (1.0 + pre * (1.0 - sig))
+    return tl.where(m, g, 0.0)
+
+
+@triton.jit
+def _input_grad(x_ptr, w_ptr, bias, h0_ptr, reset_ptr, dy_ptr, s_x_d, s_x_l, s_r_l, s_o_d,
+                s_o_l, offs_d, md, offs_p, L,
+                WIDTH: tl.constexpr, HAS_H0: tl.constexpr, HAS_RESET: tl.constexpr,
+                SILU: tl.constexpr):
+    """d(input) at positions `offs_p` (negative ones are initial-state slots)."""
+    dx = tl.zeros([offs_d.shape[0], offs_p.shape[0]], dtype=tl.float32)
+    valid = offs_p >= -2 * WIDTH  # all true
+    for k in tl.static_range(WIDTH):
+        # Position p feeds tap k of s = p + k, unless a document starts in (p, p + k].
+        if HAS_RESET:
+            if k > 0:
+                valid = valid & _no_start(reset_ptr, s_r_l, offs_p + k, L)
+        w = tl.load(w_ptr + offs_d * WIDTH + (WIDTH - 1 - k), mask=md, other=0.0).to(tl.float32)
+        g = _dpre(x_ptr, w_ptr, bias, h0_ptr, reset_ptr, dy_ptr, s_x_d, s_x_l, s_r_l, s_o_d,
+                  s_o_l, offs_d, md, offs_p + k, L, WIDTH, HAS_H0, HAS_RESET, SILU)
+        dx += tl.where(valid[None, :], g * w[:, None], 0.0)
+    return dx
+
+
+@triton.jit
+def _conv_bwd_kernel(
+    x_ptr, w_ptr, bias_ptr, h0_ptr, reset_ptr, dy_ptr,
+    dx_ptr, dw_ptr, dbias_ptr, dh0_ptr,
+    d, L, n_ltiles,
+    s_x_b, s_x_d, s_x_l, s_o_b, s_o_d, s_o_l, s_r_b, s_r_l,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_RESET: tl.constexpr, SILU: tl.constexpr, NEED_DH0: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    # dx (batch, d, L) fp32 contiguous; dw (batch, n_ltiles, d, WIDTH) and dbias
+    # (batch, n_ltiles, d) partials; dh0 (batch, d, WIDTH - 1).
+    pid_l = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    md = offs_d < d
+    mt = offs_t < L
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    x_ptr += b * s_x_b
+    dy_ptr += b * s_o_b
+    reset_ptr += b * s_r_b
+    h0_ptr += b * d * (WIDTH - 1)
+    dx = _input_grad(x_ptr, w_ptr, bias, h0_ptr, reset_ptr, dy_ptr, s_x_d, s_x_l, s_r_l,
+                     s_o_d, s_o_l, offs_d, md, offs_t, L, WIDTH, HAS_H0, HAS_RESET, SILU)
+    tl.store(dx_ptr + b * d * L + offs_d[:, None] * L + offs_t[None, :], dx,
+             mask=md[:, None] & mt[None, :])
+    # Weight and bias gradients of this tile: tap k pairs dpre at t with the input at t - k.
+    g = _dpre(x_ptr, w_ptr, bias, h0_ptr, reset_ptr, dy_ptr, s_x_d, s_x_l, s_r_l, s_o_d, s_o_l,
+              offs_d, md, offs_t, L, WIDTH, HAS_H0, HAS_RESET, SILU)
+    part = (b * n_ltiles + pid_l) * d + offs_d
+    tl.store(dbias_ptr + part, tl.sum(g, axis=1), mask=md)
+    valid = offs_t >= -WIDTH
+    for k in tl.static_range(WIDTH):
+        if HAS_RESET:
+            if k > 0:
+                valid = valid & _no_start(reset_ptr, s_r_l, offs_t - k + 1, L)
+        v = _tap_input(x_ptr, h0_ptr, s_x_d, s_x_l, offs_d, md, offs_t - k, L, WIDTH, HAS_H0)
+        dwk = tl.sum(tl.where(valid[None, :], g * v, 0.0), axis=1)
+        tl.store(dw_ptr + part * WIDTH + (WIDTH - 1 - k), dwk, mask=md)
+    if NEED_DH0:
+        if pid_l == 0:
+            offs_p = tl.arange(0, 4) - (WIDTH - 1)
+            dh0 = _input_grad(x_ptr, w_ptr, bias, h0_ptr, reset_ptr, dy_ptr, s_x_d, s_x_l,
+                              s_r_l, s_o_d, s_o_l, offs_d, md, offs_p, L, WIDTH, HAS_H0,
+                              HAS_RESET, SILU)
+            mp = md[:, None] & (offs_p < 0)[None, :]
+            tl.store(dh0_ptr + b * d * (WIDTH - 1) + offs_d[:, None] * (WIDTH - 1)
+                     + (offs_p + WIDTH - 1)[None, :], dh0, mask=mp)
+
+
+_BLOCK_D, _BLOCK_L = 16, 128
+
+
+class CausalConv1dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, initial_state, reset, silu):
+        batch, d, L = x.shape
+        width = weight.shape[1]
+        weight = weight.contiguous()
+        if initial_state is not None:
+            initial_state = initial_state.contiguous()
+        reset_u8 = reset.to(torch.uint8) if reset is not None else None
+        y = torch.empty_like(x)
+        grid = (triton.cdiv(L, _BLOCK_L), triton.cdiv(d, _BLOCK_D), batch)
+        _conv_fwd_kernel[grid](
+            x, weight, bias if bias is not None else weight,
+            initial_state if initial_state is not None else weight,
+            reset_u8 if reset_u8 is not None else weight, y,
+            d, L, *x.stride(), *y.stride(),
+            *(reset_u8.stride() if reset_u8 is not None else (0, 0)),
+            WIDTH=width, HAS_BIAS=bias is not None, HAS_H0=initial_state is not None,
+            HAS_RESET=reset is not None, SILU=silu, BLOCK_D=_BLOCK_D, BLOCK_L=_BLOCK_L,
+        )
+        ctx.save_for_backward(x, weight, bias, initial_state, reset_u8)
+        ctx.silu = silu
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, initial_state, reset_u8 = ctx.saved_tensors
+        batch, d, L = x.shape
+        width = weight.shape[1]
+        n_ltiles = triton.cdiv(L, _BLOCK_L)
+        f32 = dict(device=x.device, dtype=torch.float32)
+        dx = torch.empty((batch, d, L), **f32)
+        dw = torch.empty((batch, n_ltiles, d, width), **f32)
+        dbias = torch.empty((batch, n_ltiles, d), **f32)
+        need_dh0 = initial_state is not None and ctx.needs_input_grad[3]
+        dh0 = torch.zeros((batch, d, width - 1), **f32) if need_dh0 else None
+        grid = (n_ltiles, triton.cdiv(d, _BLOCK_D), batch)
+        _conv_bwd_kernel[grid](
+            x, weight, bias if bias is not None else weight,
+            initial_state if initial_state is not None else weight,
+            reset_u8 if reset_u8 is not None else weight, dy,
+            dx, dw, dbias, dh0 if dh0 is not None else dw,
+            d, L, n_ltiles, *x.stride(), *dy.stride(),
+            *(reset_u8.stride() if reset_u8 is not None else (0, 0)),
+            WIDTH=width, HAS_BIAS=bias is not None, HAS_H0=initial_state is not None,
+            HAS_RESET=reset_u8 is not None, SILU=ctx.silu, NEED_DH0=need_dh0,
+            BLOCK_D=_BLOCK_D, BLOCK_L=_BLOCK_L,
+        )
+        return (
+            dx.to(x.dtype),
+            dw.sum((0, 1)).to(weight.dtype),
+            dbias.sum((0, 1)).to(bias.dtype) if bias is not None else None,
+            dh0.to(initial_state.dtype) if dh0 is not None else None,
+            None, None,
+        )
+
+
+def causal_conv1d_fn(x, weight, bias=None, initial_state=None, reset=None, activation="silu",
+                     return_final_state=False):
+    """Drop-in for `mamba_ft.reference.causal_conv1d` (fused Triton forward and backward)."""
+    if activation not in ("silu", None):
+        raise ValueError(f"unsupported activation {activation!r}")
+    width = weight.shape[-1]
+    if not 1 <= width <= 4:
+        raise ValueError(f"causal_conv1d kernel supports widths 1 to 4, got {width}")
+    if initial_state is not None:
+        initial_state = initial_state.to(x.dtype)
+    y = CausalConv1dFn.apply(x, weight, bias, initial_state, reset, activation == "silu")
+    if not return_final_state:
+        return y
+    # The next conv state is the last width - 1 inputs (taken from the initial state when the
+    # sequence is shorter); plain torch ops, so its gradient flows through autograd.
+    if initial_state is None:
+        initial_state = x.new_zeros(x.shape[0], x.shape[1], width - 1)
+    if width == 1:
+        return y, x[..., :0]
+    return y, torch.cat([initial_state, x[..., -(width - 1):]], dim=-1)[..., -(width - 1):]
