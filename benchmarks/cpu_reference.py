@@ -2,11 +2,12 @@
 
 A Mamba-130m-shaped model (d_model 768, 24 layers, vocab 50280) built from a config (random
 init, nothing downloaded), batch 1, length 512, forward + backward, same process, same inputs,
-same weights. Peak memory is measured per implementation in a child process (peak resident set
-growth over the process's baseline after building the model), since one process's high-water
-mark cannot be split between the two.
+same weights. Both implementations are first warmed up on a one-layer model (allocator, code
+paths), then timed. Peak memory of a step is the growth of the resident set's high-water mark
+over the resident set before the step, after resetting the mark (Linux: /proc/self/clear_refs).
+Run it on an otherwise idle machine: the two are timed one after the other.
 
-    python benchmarks/cpu_reference.py [--layers 24] [--length 512] [--steps 2]
+    python benchmarks/cpu_reference.py [--layers 24] [--length 512] [--steps 1]
 
 Writes benchmarks/results/cpu_reference.json and .md.
 """
@@ -15,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import platform
-import resource
-import subprocess
-import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -39,55 +38,59 @@ def build(layers: int) -> MambaForCausalLM:
     return MambaForCausalLM(config).train()
 
 
-def step_seconds(model, ids, steps: int) -> list[float]:
-    times = []
-    for _ in range(steps):
-        model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        model(ids, labels=ids).loss.backward()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
 
 
-def memory_child(impl: str, layers: int, length: int) -> None:
-    model = build(layers)
-    if impl == "mamba-ft":
-        swap_mixers(model)
-    ids = torch.randint(0, 50280, (1, length), generator=torch.Generator().manual_seed(1))
-    before = rss_bytes()
-    model(ids, labels=ids).loss.backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_extra_bytes": peak - before}))
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM, the resident set's high-water mark
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def timed_steps(model, ids, steps: int) -> tuple[list[float], int]:
+    """Seconds per forward+backward step, and the step's peak extra resident memory."""
+    times, peak_extra = [], 0
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        before = rss_bytes()
+        reset_peak_rss()
+        start = time.perf_counter()
+        model(ids, labels=ids).loss.backward()
+        times.append(time.perf_counter() - start)
+        peak_extra = max(peak_extra, peak_rss_bytes() - before)
+    return times, peak_extra
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--length", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per implementation (first is warm-up)")
-    parser.add_argument("--memory-child", choices=["transformers", "mamba-ft"], help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per implementation")
     args = parser.parse_args()
-    if args.memory_child:
-        memory_child(args.memory_child, args.layers, args.length)
-        return
+
+    ids = torch.randint(0, 50280, (1, args.length), generator=torch.Generator().manual_seed(1))
+    warm = build(1)
+    warm_ft = copy.deepcopy(warm)
+    swap_mixers(warm_ft)
+    timed_steps(warm, ids, 1), timed_steps(warm_ft, ids, 1)
+    del warm, warm_ft
 
     hf = build(args.layers)
     ft = copy.deepcopy(hf)
     swap_mixers(ft)
-    ids = torch.randint(0, 50280, (1, args.length), generator=torch.Generator().manual_seed(1))
-    timings = {"mamba-ft": step_seconds(ft, ids, args.steps), "transformers": step_seconds(hf, ids, args.steps)}
-    memory = {}
-    for impl in ("mamba-ft", "transformers"):
-        out = subprocess.run([sys.executable, __file__, "--memory-child", impl, "--layers", str(args.layers),
-                              "--length", str(args.length)], capture_output=True, text=True, check=True).stdout
-        memory[impl] = json.loads(out.strip().splitlines()[-1])["peak_extra_bytes"]
+    timings, memory = {}, {}
+    for impl, model in (("mamba-ft", ft), ("transformers", hf)):
+        timings[impl], memory[impl] = timed_steps(model, ids, args.steps)
 
-    best = {k: min(v[1:] or v) for k, v in timings.items()}
+    best = {k: min(v) for k, v in timings.items()}
     result = {
         "benchmark": "cpu training step, Mamba-130m shape",
         "date": date.today().isoformat(),
