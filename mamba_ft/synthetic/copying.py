@@ -66,6 +66,11 @@ class _NgramLookup(CopyTask):
             raise UserError(f"With alphabet={self.alphabet} and ngram={self.ngram}, unique {self.ngram}-grams "
                             f"are too rare; use a larger alphabet or ngram.")
 
+    def lookup(self, rng: random.Random, length: int) -> tuple[list[str], list[str], list[str]]:
+        """(string, an n-gram occurring in it exactly once, the `answer_len` tokens after it)."""
+        s, i = self.string_with_unique_ngram(rng, length)
+        return s, s[i:i + self.ngram], s[i + self.ngram: i + self.ngram + self.answer_len]
+
     def string_with_unique_ngram(self, rng: random.Random, length: int) -> tuple[list[str], int]:
         """A random string and the start of an n-gram that occurs in it exactly once and is
         followed by at least `answer_len` tokens."""
@@ -87,9 +92,7 @@ class PrefixNgramTask(_NgramLookup):
     name = "prefix_ngram"
 
     def sample(self, rng: random.Random, length: int) -> Example:
-        s, i = self.string_with_unique_ngram(rng, length)
-        gram = s[i:i + self.ngram]
-        cont = s[i + self.ngram: i + self.ngram + self.answer_len]
+        s, gram, cont = self.lookup(rng, length)
         return full_answer(["$", *gram, "|", *s, "|"], [*cont, "."])
 
 
@@ -98,7 +101,5 @@ class SuffixNgramTask(_NgramLookup):
     name = "suffix_ngram"
 
     def sample(self, rng: random.Random, length: int) -> Example:
-        s, i = self.string_with_unique_ngram(rng, length)
-        gram = s[i:i + self.ngram]
-        cont = s[i + self.ngram: i + self.ngram + self.answer_len]
+        s, gram, cont = self.lookup(rng, length)
         return full_answer(["$", *s, "|", *gram], [*cont, "."])
