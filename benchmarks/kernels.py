@@ -68,13 +68,11 @@ def build_mamba_ssm(src: Path):
     return selective_scan_fn, time.time() - t0
 
 
-def scan_inputs(batch, d, L, N, layout, seed=0):
+def scan_inputs(batch, d, L, N, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
 
     def act(*shape, scale=1.0):
         t = torch.randn(*shape, generator=g, device="cuda") * scale
-        if layout == "mixer":  # (batch, L, d)-major storage viewed as (batch, d, L)
-            return t.transpose(1, 2).contiguous().transpose(1, 2).to(torch.bfloat16)
         return t.to(torch.bfloat16).contiguous()
 
     return dict(
@@ -105,12 +103,13 @@ def bench_scan(mamba_ssm_fn):
     rows = []
     for batch, d, L, N in SCAN_SHAPES:
         tokens = batch * L
-        for layout in ("mamba_ssm", "mixer"):
-            inputs = scan_inputs(batch, d, L, N, layout)
+        # Contiguous (batch, d, L): mamba_ssm's layout, and the one mamba-ft's mixer produces.
+        for layout in ("contiguous",):
+            inputs = scan_inputs(batch, d, L, N)
             impls = {"mamba-ft triton": scan_mod.selective_scan_fn}
             if mamba_ssm_fn is not None:
                 impls["mamba_ssm cuda"] = mamba_ssm_fn
-            if layout == "mamba_ssm" and d == 1536:
+            if d == 1536:
                 impls["pytorch reference"] = reference.selective_scan
             for name, fn in impls.items():
                 rep = 30 if name == "pytorch reference" else 200
@@ -135,11 +134,13 @@ def bench_scan(mamba_ssm_fn):
 def sweep_tiles():
     """Forward and fwd+bwd time of other scan tile shapes (Mamba-130m shape)."""
     rows = []
-    inputs = scan_inputs(8, 1536, 2048, 16, "mamba_ssm")
+    inputs = scan_inputs(8, 1536, 2048, 16)
     default = scan_mod._tile_sizes
-    # (chunk, BLOCK_D, warps): BLOCK_D * N = 32 * warps keeps time inside a thread.
-    for chunk, block_d, warps in [(32, 8, 4), (16, 8, 4), (16, 4, 2), (32, 4, 2), (64, 8, 4)]:
-        scan_mod._tile_sizes = lambda n, c=chunk, bd=block_d, w=warps: (c, 16, bd, w)
+    # (chunk, BLOCK_D, warps): positions per tile, channels per program, warps per program.
+    for chunk, block_d, warps in [(256, 1, 1), (128, 1, 1), (512, 1, 1), (256, 2, 1),
+                                  (128, 2, 1), (256, 2, 2), (512, 2, 2), (128, 4, 4),
+                                  (256, 4, 4)]:
+        scan_mod._tile_sizes = lambda L, c=chunk, bd=block_d, w=warps: (c, bd, w)
         try:
             fwd = time_scan(scan_mod.selective_scan_fn, inputs, False, 100)
             fb = time_scan(scan_mod.selective_scan_fn, inputs, True, 100)
@@ -152,6 +153,23 @@ def sweep_tiles():
               f"fwd+bwd {fb:.3f}", flush=True)
     scan_mod._tile_sizes = default
     return rows
+
+
+def compiled_kernel_stats():
+    """Registers and spills of every compiled variant of the scan kernels (for docs/kernels.md)."""
+    stats = []
+    for name in ("_scan_fwd_kernel", "_scan_bwd_kernel"):
+        jit_fn = getattr(scan_mod, name)
+        try:
+            for caches in jit_fn.device_caches.values():
+                for key, kernel in caches[0].items():
+                    kernel._init_handles()
+                    stats.append(dict(kernel=name, n_regs=kernel.n_regs, n_spills=kernel.n_spills,
+                                      num_warps=kernel.metadata.num_warps,
+                                      constants=str(key)[-160:]))
+        except Exception as exc:  # Triton's internals move between versions; report, go on
+            stats.append(dict(kernel=name, error=f"{type(exc).__name__}: {exc}"))
+    return stats
 
 
 def bench_conv():
@@ -240,6 +258,9 @@ def main():
     info = env_info(extra)
     rows = sweep_tiles() if args.sweep else []
     rows += bench_scan(mamba_ssm_fn) + bench_conv()
+    info["compiled_scan_kernels"] = compiled_kernel_stats()
+    for st in info["compiled_scan_kernels"]:
+        print("compiled:", st, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels.json").write_text(json.dumps(dict(info=info, rows=rows), indent=1))
     md = markdown(info, rows)

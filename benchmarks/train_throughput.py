@@ -4,8 +4,9 @@ Models are built from configs (random init, no downloads) in the shapes of Mamba
 (d_model 768, 24 layers) and Mamba-1.4B (d_model 2048, 48 layers), vocab 50280. One step is
 forward + backward + AdamW under bf16 autocast at L 2048, on random token ids.
 
-Runs: full fine-tuning and LoRA on all targets (rank 8) through the fused kernels; the
-pure-PyTorch reference path (`MAMBA_FT_OPS=reference`) for Mamba-130m as a baseline.
+Runs: full fine-tuning and LoRA on all targets (rank 8) through the fused kernels, with and
+without recomputing the SSM branch in the backward (`set_recompute_ssm`); the pure-PyTorch
+reference path (`MAMBA_FT_OPS=reference`) for Mamba-130m as a baseline.
 
     python benchmarks/train_throughput.py [--only 130m] [--no-reference] [--out DIR]
 
@@ -29,7 +30,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).pa
 import torch  # noqa: E402
 import triton
 
-from mamba_ft.models import load_model
+from mamba_ft.models import load_model, set_recompute_ssm
 
 MODELS = {
     "130m": dict(hidden_size=768, num_hidden_layers=24, batch=8),
@@ -42,6 +43,7 @@ RUNS = [
     ("1.4b", "full", "fused", None),
     ("1.4b", "lora", "fused", None),
     ("1.4b", "lora", "fused", 2),  # the batch of the paper-setting anchor in DESIGN.md
+    ("1.4b", "lora", "fused+recompute", 2),
     ("130m", "full", "reference", None),
 ]
 
@@ -59,6 +61,8 @@ def run(name, mode, path, batch, L, steps, warmup):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = build(name).cuda().train()
+    if path == "fused+recompute":
+        set_recompute_ssm(model, True)
     if mode == "lora":
         from mamba_ft.adapters import AdapterConfig, attach_adapters
 

@@ -61,6 +61,19 @@ def _pre_activation(x_ptr, w_ptr, bias, h0_ptr, reset_ptr, s_x_d, s_x_l, s_r_l,
 
 
 @triton.jit
+def _tile(pid_d, pid_l, bias_ptr, d, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+          HAS_BIAS: tl.constexpr):
+    """A program's channel and position offsets, channel mask and bias (0 when absent)."""
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    md = offs_d < d
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    return offs_d, offs_t, md, bias
+
+
+@triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, h0_ptr, reset_ptr, y_ptr,
     d, L,
@@ -72,12 +85,7 @@ def _conv_fwd_kernel(
     pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    md = offs_d < d
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    offs_d, offs_t, md, bias = _tile(pid_d, pid_l, bias_ptr, d, BLOCK_D, BLOCK_L, HAS_BIAS)
     pre = _pre_activation(x_ptr + b * s_x_b, w_ptr, bias, h0_ptr + b * d * (WIDTH - 1),
                           reset_ptr + b * s_r_b, s_x_d, s_x_l, s_r_l, offs_d, md, offs_t, L,
                           WIDTH, HAS_H0, HAS_RESET)
@@ -141,13 +149,8 @@ def _conv_bwd_kernel(
     pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    md = offs_d < d
+    offs_d, offs_t, md, bias = _tile(pid_d, pid_l, bias_ptr, d, BLOCK_D, BLOCK_L, HAS_BIAS)
     mt = offs_t < L
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
     x_ptr += b * s_x_b
     dy_ptr += b * s_o_b
     reset_ptr += b * s_r_b

@@ -3,24 +3,31 @@
 Semantics are exactly `mamba_ft.reference.selective_scan` (mamba_ssm's layouts):
   u, delta, z: (batch, d, L)   A: (d, N) fp32   B, C: (batch, N, L)   D, delta_bias: (d,)
   initial_state / last state: (batch, d, N) fp32   reset: (batch, L) bool document starts.
-Any strides are accepted (the mixer passes (batch, L, d)-major views).
+Any strides are accepted; time-contiguous (batch, d, L) tensors load fastest, and that is the
+layout the mixer produces.
 
 Design (one program per (batch row, tile of BLOCK_D channels)):
-- The program walks the sequence in chunks of BLOCK_T positions. A chunk is a register tile
-  [BLOCK_T, BLOCK_D, N]: decay a = exp2(delta * A * log2 e) (0 where a document starts) and
-  drive x = delta * u * B, combined by one first-order `tl.associative_scan` along time; the
-  carry state entering the chunk is folded in afterwards (h_t = prod(a) * h_in + scan(x)).
-  With BLOCK_D * N = 32 * num_warps each thread owns one (channel, state) pair and the whole
-  time axis, so the scan is a sequential loop inside the thread. B and C are loaded once per
-  tile and shared by its BLOCK_D channels; delta_bias, softplus, D and the z gate are fused.
-- The forward writes the state entering each chunk (fp32, (batch, n_chunks, d, N)); that is
-  all the backward keeps besides the inputs: saved memory O(batch * d * N * L / BLOCK_T).
-- The backward walks the chunks in reverse: it recomputes the chunk's states from its
-  checkpoint, runs the adjoint as a reverse scan dh_t = C_t dy_t + a_{t+1} dh_{t+1} (the
-  shifted decay a_{t+1} is recomputed from delta at t+1 rather than shifted in registers),
-  and uses a_t h_{t-1} = h_t - x_t so no shifted state is needed either. dB and dC are
-  reduced over the channel tile in registers and added with one fp32 atomic per tile;
-  dA, dD and d(delta_bias) are written per batch row and summed by torch (deterministic).
+- The program walks the sequence in chunks of BLOCK_T positions, and inside a chunk it walks
+  the N states one after another. For one state n the chunk is a [BLOCK_D, BLOCK_T] tile:
+  decay a = exp2(delta * A[:, n] * log2 e) (0 where a document starts) and drive
+  x = delta * u * B[n], combined by one first-order `tl.associative_scan` along time. The
+  output y = sum_n h_n * C[n] is accumulated in registers across the loop over n, so there is
+  no reduction over the state axis at all (the cross-lane reduction over N was what limited
+  the first version of this kernel, docs/kernels.md). delta, u, z and the output are loaded
+  and stored once per chunk; B[n] and C[n] rows are shared by the tile's channels.
+- The state entering a chunk is folded in after the scan (h_t = prod(a) * h_in + scan(x)).
+  Chunk-boundary states travel through the checkpoint buffer (batch, n_chunks + 1, d, N):
+  slot 0 is the initial state, slot c + 1 is written at the end of chunk c (a store masked to
+  the chunk's last column) and read by chunk c + 1 after a block barrier. The backward keeps
+  only this buffer besides the inputs: saved memory O(batch * d * N * L / BLOCK_T).
+- The backward walks the chunks in reverse and, per state n, recomputes the chunk's states
+  from its checkpoint, then runs the adjoint as a reverse scan dh_t = C_t dy_t + a_{t+1}
+  dh_{t+1} (the shifted decay a_{t+1} comes from delta loaded at t+1, not from shifting
+  registers) and uses a_t h_{t-1} = h_t - x_t, so no shifted state is needed either. The
+  adjoint carry between chunks goes through a two-slot scratch buffer (read one slot, write
+  the other, so no thread can overwrite a carry another is still reading). dB and dC are
+  reduced over the channel tile and added with fp32 atomics; dA, dD and d(delta_bias) are
+  written per (batch row, chunk) and summed by torch (deterministic).
 """
 
 from __future__ import annotations
@@ -31,6 +38,10 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+
+# Longest chunk (positions per tile). A sequence up to this length is one chunk; longer ones
+# carry state between chunks. Tests lower it to exercise the carries on tiny shapes.
+MAX_CHUNK = 512
 
 
 @triton.jit
@@ -52,17 +63,53 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _load_tile(ptr, s_d, s_l, offs_d, offs_t, mask):
+    """A [BLOCK_D, BLOCK_T] tile of a (d, L)-strided tensor, in fp32, 0 outside the mask."""
+    return tl.load(ptr + offs_d[:, None] * s_d + offs_t[None, :] * s_l,
+                   mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _load_delta(dt_ptr, s_dt_d, s_dt_l, bias, offs_d, offs_t, mask,
                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """delta for a [BLOCK_T, BLOCK_D] tile, with bias and softplus; 0 outside the mask."""
-    raw = tl.load(dt_ptr + offs_d[None, :] * s_dt_d + offs_t[:, None] * s_dt_l,
-                  mask=mask, other=0.0).to(tl.float32)
+    """delta for a [BLOCK_D, BLOCK_T] tile, with bias and softplus; 0 outside the mask.
+
+    Also returns the pre-softplus value, which the backward needs for softplus' derivative.
+    """
+    raw = _load_tile(dt_ptr, s_dt_d, s_dt_l, offs_d, offs_t, mask)
     if HAS_BIAS:
-        raw = raw + bias[None, :]
+        raw = raw + bias[:, None]
     dt = raw
     if SOFTPLUS:
         dt = _softplus(raw)
     return tl.where(mask, dt, 0.0), raw
+
+
+@triton.jit
+def _channel_vectors(bias_ptr, D_ptr, offs_d, md, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr):
+    """delta_bias and D for the tile's channels (zeros when absent)."""
+    bias = tl.zeros([offs_d.shape[0]], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0)
+    Dv = tl.zeros([offs_d.shape[0]], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=md, other=0.0)
+    return bias, Dv
+
+
+@triton.jit
+def _decay(dt, A2, starts, HAS_RESET: tl.constexpr):
+    """exp(delta * A) for one state's [BLOCK_D, BLOCK_T] tile; 0 where a document starts."""
+    a = tl.exp2(dt * A2[:, None])
+    if HAS_RESET:
+        a = tl.where(starts, 0.0, a)
+    return a
+
+
+@triton.jit
+def _column(tile, sel):
+    """Column n of a [BLOCK_D, BLOCK_N] register tile (sel: offs_n == n) as a [BLOCK_D] vector."""
+    return tl.sum(tl.where(sel, tile, 0.0), axis=1)
 
 
 @triton.jit
@@ -85,22 +132,8 @@ def _scan_fwd_kernel(
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
     md = offs_d < d
-    mn = offs_n < N
-    mdn = md[:, None] & mn[None, :]
-    A2 = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mdn, other=0.0) * LOG2E
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0)
-    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=md, other=0.0)
-    state_offs = offs_d[:, None] * N + offs_n[None, :]
-    if HAS_H0:
-        h = tl.load(h0_ptr + b * d * N + state_offs, mask=mdn, other=0.0)
-    else:
-        h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    bias, Dv = _channel_vectors(bias_ptr, D_ptr, offs_d, md, HAS_BIAS, HAS_D)
     u_ptr += b * s_u_b
     dt_ptr += b * s_dt_b
     B_ptr += b * s_B_b
@@ -108,40 +141,53 @@ def _scan_fwd_kernel(
     z_ptr += b * s_z_b
     y_ptr += b * s_y_b
     reset_ptr += b * s_r_b
-    is_last_t = (tl.arange(0, BLOCK_T) == BLOCK_T - 1)[:, None, None]
+    # The states of the tile's channels, [BLOCK_D, BLOCK_N], live in registers across chunks.
+    offs_n = tl.arange(0, BLOCK_N)
+    mdn = md[:, None] & (offs_n < N)[None, :]
+    state_offs = offs_d[:, None] * N + offs_n[None, :]
+    if HAS_H0:
+        H = tl.load(h0_ptr + b * d * N + state_offs, mask=mdn, other=0.0)
+    else:
+        H = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    t_in_chunk = tl.arange(0, BLOCK_T)
+    last_column = (t_in_chunk == BLOCK_T - 1)[None, :]
     for c in range(n_chunks):
         if STORE_CKPT:
-            tl.store(ckpt_ptr + ((b * n_chunks + c) * d) * N + state_offs, h, mask=mdn)
-        offs_t = c * BLOCK_T + tl.arange(0, BLOCK_T)
+            tl.store(ckpt_ptr + ((b * n_chunks + c) * d) * N + state_offs, H, mask=mdn)
+        offs_t = c * BLOCK_T + t_in_chunk
         mt = offs_t < L
-        mdt = mt[:, None] & md[None, :]
-        u = tl.load(u_ptr + offs_d[None, :] * s_u_d + offs_t[:, None] * s_u_l,
-                    mask=mdt, other=0.0).to(tl.float32)
-        dt, _ = _load_delta(dt_ptr, s_dt_d, s_dt_l, bias, offs_d, offs_t, mdt, HAS_BIAS, SOFTPLUS)
-        mtn = mt[:, None] & mn[None, :]
-        Bt = tl.load(B_ptr + offs_n[None, :] * s_B_n + offs_t[:, None] * s_B_l,
-                     mask=mtn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + offs_n[None, :] * s_C_n + offs_t[:, None] * s_C_l,
-                     mask=mtn, other=0.0).to(tl.float32)
-        a = tl.exp2(dt[:, :, None] * A2[None, :, :])
+        mdt = md[:, None] & mt[None, :]
+        u = _load_tile(u_ptr, s_u_d, s_u_l, offs_d, offs_t, mdt)
+        dt, _ = _load_delta(dt_ptr, s_dt_d, s_dt_l, bias, offs_d, offs_t, mdt,
+                            HAS_BIAS, SOFTPLUS)
+        dtu = dt * u
+        starts = tl.zeros([1, BLOCK_T], dtype=tl.int1)
         if HAS_RESET:
-            r = tl.load(reset_ptr + offs_t * s_r_l, mask=mt, other=0)
-            a = tl.where((r != 0)[:, None, None], 0.0, a)
-        x = (dt * u)[:, :, None] * Bt[:, None, :]
-        aS, hS = tl.associative_scan((a, x), axis=0, combine_fn=_first_order)
-        hS = hS + aS * h[None, :, :]
-        y = tl.sum(hS * Ct[:, None, :], axis=2)
-        h = tl.sum(tl.where(is_last_t, hS, 0.0), axis=0)
+            starts = (tl.load(reset_ptr + offs_t * s_r_l, mask=mt, other=0) != 0)[None, :]
+        y = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+        for n in range(N):
+            sel = offs_n[None, :] == n
+            A2 = tl.load(A_ptr + offs_d * N + n, mask=md, other=0.0) * LOG2E
+            # B and C rows are loaded as full tiles (every channel row reads the same row):
+            # that keeps them in the tile's register layout instead of converting a vector.
+            Bn = _load_tile(B_ptr + n * s_B_n, 0, s_B_l, offs_d, offs_t, mdt)
+            Cn = _load_tile(C_ptr + n * s_C_n, 0, s_C_l, offs_d, offs_t, mdt)
+            aS, hS = tl.associative_scan((_decay(dt, A2, starts, HAS_RESET), dtu * Bn), axis=1,
+                                         combine_fn=_first_order)
+            h = hS + aS * _column(H, sel)[:, None]
+            y += h * Cn
+            # Past the end of the sequence delta is 0 (a = 1, x = 0), so the last column holds
+            # the state at position L - 1 even in a partial last chunk.
+            H = tl.where(sel, _column(h, last_column)[:, None], H)
         if HAS_D:
-            y = y + Dv[None, :] * u
+            y += Dv[:, None] * u
         if HAS_Z:
-            z = tl.load(z_ptr + offs_d[None, :] * s_z_d + offs_t[:, None] * s_z_l,
-                        mask=mdt, other=0.0).to(tl.float32)
+            z = _load_tile(z_ptr, s_z_d, s_z_l, offs_d, offs_t, mdt)
             y = y * z * _sigmoid(z)
-        tl.store(y_ptr + offs_d[None, :] * s_y_d + offs_t[:, None] * s_y_l,
+        tl.store(y_ptr + offs_d[:, None] * s_y_d + offs_t[None, :] * s_y_l,
                  y.to(y_ptr.dtype.element_ty), mask=mdt)
     if STORE_LAST:
-        tl.store(last_ptr + b * d * N + state_offs, h, mask=mdn)
+        tl.store(last_ptr + b * d * N + state_offs, H, mask=mdn)
 
 
 @triton.jit
@@ -162,28 +208,13 @@ def _scan_bwd_kernel(
     NEED_DH0: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Gradient outputs du, ddt, dz are contiguous (batch, d, L); dB, dC are fp32 (batch, N, L)
-    # zero-filled buffers; dA (batch, d, N), dD and dbias (batch, d) are per-row partials.
+    # du, ddt, dz: contiguous fp32 (batch, d, L). dB, dC: zero-filled fp32 (batch, N, L).
+    # dA (batch, d, N), dD and dbias (batch, d): per-row partials.
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
     md = offs_d < d
-    mn = offs_n < N
-    mdn = md[:, None] & mn[None, :]
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mdn, other=0.0)
-    A2 = A * LOG2E
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0)
-    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=md, other=0.0)
-    state_offs = offs_d[:, None] * N + offs_n[None, :]
-    if HAS_DLAST:
-        dh_carry = tl.load(dlast_ptr + b * d * N + state_offs, mask=mdn, other=0.0)
-    else:
-        dh_carry = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    bias, Dv = _channel_vectors(bias_ptr, D_ptr, offs_d, md, HAS_BIAS, HAS_D)
     u_ptr += b * s_u_b
     dt_ptr += b * s_dt_b
     B_ptr += b * s_B_b
@@ -191,86 +222,102 @@ def _scan_bwd_kernel(
     z_ptr += b * s_z_b
     dout_ptr += b * s_o_b
     reset_ptr += b * s_r_b
-    grad_base = b * d * L
-    dBC_base = b * N * L
-    is_first_t = (tl.arange(0, BLOCK_T) == 0)[:, None, None]
+    dB_ptr += b * N * L
+    dC_ptr += b * N * L
+    grad_offs = b * d * L + offs_d[:, None] * L
+    offs_n = tl.arange(0, BLOCK_N)
+    mdn = md[:, None] & (offs_n < N)[None, :]
+    state_offs = offs_d[:, None] * N + offs_n[None, :]
+    # The adjoint state entering from later chunks, and dA, live in registers like the state.
+    if HAS_DLAST:
+        G = tl.load(dlast_ptr + b * d * N + state_offs, mask=mdn, other=0.0)
+    else:
+        G = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    t_in_chunk = tl.arange(0, BLOCK_T)
+    first_column = (t_in_chunk == 0)[None, :]
     for i in range(n_chunks):
         c = n_chunks - 1 - i
-        h0 = tl.load(ckpt_ptr + ((b * n_chunks + c) * d) * N + state_offs, mask=mdn, other=0.0)
-        offs_t = c * BLOCK_T + tl.arange(0, BLOCK_T)
+        H = tl.load(ckpt_ptr + ((b * n_chunks + c) * d) * N + state_offs, mask=mdn, other=0.0)
+        offs_t = c * BLOCK_T + t_in_chunk
         mt = offs_t < L
-        mdt = mt[:, None] & md[None, :]
-        u = tl.load(u_ptr + offs_d[None, :] * s_u_d + offs_t[:, None] * s_u_l,
-                    mask=mdt, other=0.0).to(tl.float32)
-        dt, dt_pre = _load_delta(dt_ptr, s_dt_d, s_dt_l, bias, offs_d, offs_t, mdt,
-                                 HAS_BIAS, SOFTPLUS)
-        mtn = mt[:, None] & mn[None, :]
-        Bt = tl.load(B_ptr + offs_n[None, :] * s_B_n + offs_t[:, None] * s_B_l,
-                     mask=mtn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + offs_n[None, :] * s_C_n + offs_t[:, None] * s_C_l,
-                     mask=mtn, other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + offs_d[None, :] * s_o_d + offs_t[:, None] * s_o_l,
-                       mask=mdt, other=0.0).to(tl.float32)
-        # Recompute this chunk's states from its checkpoint.
-        a = tl.exp2(dt[:, :, None] * A2[None, :, :])
-        if HAS_RESET:
-            r = tl.load(reset_ptr + offs_t * s_r_l, mask=mt, other=0)
-            a = tl.where((r != 0)[:, None, None], 0.0, a)
-        dtu = dt * u
-        x = dtu[:, :, None] * Bt[:, None, :]
-        aS, hS = tl.associative_scan((a, x), axis=0, combine_fn=_first_order)
-        hS = hS + aS * h0[None, :, :]
-        # Output gate.
-        dy = dout
+        mdt = md[:, None] & mt[None, :]
+        # Only what the loop over states needs stays live through it (dt, dt1, dtu, dy and
+        # three accumulators); u, z and dout are loaded again after it (cache hits) rather
+        # than held in registers across it.
+        dt, _ = _load_delta(dt_ptr, s_dt_d, s_dt_l, bias, offs_d, offs_t, mdt,
+                            HAS_BIAS, SOFTPLUS)
+        dtu = dt * _load_tile(u_ptr, s_u_d, s_u_l, offs_d, offs_t, mdt)
+        dy = _load_tile(dout_ptr, s_o_d, s_o_l, offs_d, offs_t, mdt)
         if HAS_Z:
-            z = tl.load(z_ptr + offs_d[None, :] * s_z_d + offs_t[:, None] * s_z_l,
-                        mask=mdt, other=0.0).to(tl.float32)
-            sz = _sigmoid(z)
-            pre_gate = tl.sum(hS * Ct[:, None, :], axis=2) + Dv[None, :] * u
-            dz = dout * pre_gate * sz * (1.0 + z * (1.0 - sz))
-            tl.store(dz_ptr + grad_base + offs_d[None, :] * L + offs_t[:, None], dz, mask=mdt)
-            dy = dout * z * sz
-        dy = tl.where(mdt, dy, 0.0)
-        # Adjoint: dh_t = C_t dy_t + a_{t+1} dh_{t+1}, with a_{t+1} recomputed from delta at t+1.
-        # Past the end of the sequence the coefficient is 1, so the carry (the gradient of the
-        # last state) reaches position L - 1 unchanged.
+            z = _load_tile(z_ptr, s_z_d, s_z_l, offs_d, offs_t, mdt)
+            dy = dy * z * _sigmoid(z)
+        # delta one position later, for the adjoint's coefficient a_{t+1}. Past the end of
+        # the sequence the coefficient is 1, so the gradient of the last state reaches
+        # position L - 1 unchanged.
         offs_t1 = offs_t + 1
         mt1 = offs_t1 < L
         dt1, _ = _load_delta(dt_ptr, s_dt_d, s_dt_l, bias, offs_d, offs_t1,
-                             mt1[:, None] & md[None, :], HAS_BIAS, SOFTPLUS)
-        a1 = tl.exp2(dt1[:, :, None] * A2[None, :, :])
+                             md[:, None] & mt1[None, :], HAS_BIAS, SOFTPLUS)
+        starts = tl.zeros([1, BLOCK_T], dtype=tl.int1)
+        starts1 = tl.zeros([1, BLOCK_T], dtype=tl.int1)
         if HAS_RESET:
-            r1 = tl.load(reset_ptr + offs_t1 * s_r_l, mask=mt1, other=0)
-            a1 = tl.where((r1 != 0)[:, None, None], 0.0, a1)
-        a1 = tl.where(mt1[:, None, None], a1, 1.0)
-        rhs = dy[:, :, None] * Ct[:, None, :]
-        gS, dhS = tl.associative_scan((a1, rhs), axis=0, combine_fn=_first_order, reverse=True)
-        dh = dhS + gS * dh_carry[None, :, :]
-        dh_carry = tl.sum(tl.where(is_first_t, dh, 0.0), axis=0)
-        # a_t h_{t-1} (with the reset applied), without shifting the states.
-        ah_prev = hS - x
-        dC = tl.sum(dy[:, :, None] * hS, axis=1)
-        dB = tl.sum(dh * dtu[:, :, None], axis=1)
-        bc_offs = dBC_base + offs_n[None, :] * L + offs_t[:, None]
-        tl.atomic_add(dC_ptr + bc_offs, dC, mask=mtn)
-        tl.atomic_add(dB_ptr + bc_offs, dB, mask=mtn)
-        dhB = tl.sum(dh * Bt[:, None, :], axis=2)
-        dh_ah = dh * ah_prev
-        du = dhB * dt
+            starts = (tl.load(reset_ptr + offs_t * s_r_l, mask=mt, other=0) != 0)[None, :]
+            starts1 = (tl.load(reset_ptr + offs_t1 * s_r_l, mask=mt1, other=0) != 0)[None, :]
+        y_pre = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)  # sum_n h C, for dz
+        dh_B = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)   # sum_n dh_n B_n
+        dh_Aah = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)  # sum_n dh_n A_n a_n h_{n,t-1}
+        for n in range(N):
+            sel = offs_n[None, :] == n
+            A = tl.load(A_ptr + offs_d * N + n, mask=md, other=0.0)
+            A2 = A * LOG2E
+            Bn = _load_tile(B_ptr + n * s_B_n, 0, s_B_l, offs_d, offs_t, mdt)
+            Cn = _load_tile(C_ptr + n * s_C_n, 0, s_C_l, offs_d, offs_t, mdt)
+            # Recompute this state's trajectory over the chunk from the checkpoint.
+            x = dtu * Bn
+            aS, hS = tl.associative_scan((_decay(dt, A2, starts, HAS_RESET), x), axis=1,
+                                         combine_fn=_first_order)
+            h = hS + aS * _column(H, sel)[:, None]
+            if HAS_Z:
+                y_pre += h * Cn
+            a1 = tl.where(mt1[None, :], _decay(dt1, A2, starts1, HAS_RESET), 1.0)
+            gS, dhS = tl.associative_scan((a1, dy * Cn), axis=1, combine_fn=_first_order,
+                                          reverse=True)
+            dh = dhS + gS * _column(G, sel)[:, None]
+            G = tl.where(sel, _column(dh, first_column)[:, None], G)
+            # dB and dC sum over channels: one fp32 atomic per (channel, position), as
+            # mamba_ssm does (a reduction over the channel tile first costs layout changes
+            # through shared memory inside this loop, which measured slower).
+            bc_ptrs = n * L + offs_t[None, :] + 0 * offs_d[:, None]
+            tl.atomic_add(dC_ptr + bc_ptrs, dy * h, mask=mdt, sem="relaxed")
+            tl.atomic_add(dB_ptr + bc_ptrs, dh * dtu, mask=mdt, sem="relaxed")
+            dh_B += dh * Bn
+            # a_t h_{t-1} = h_t - x_t (reset included), so no shifted state is needed.
+            dh_ah = dh * (h - x)
+            dh_Aah += dh_ah * A[:, None]
+            dA_acc = tl.where(sel, dA_acc + tl.sum(dh_ah * dt, axis=1)[:, None], dA_acc)
+        u = _load_tile(u_ptr, s_u_d, s_u_l, offs_d, offs_t, mdt)
+        du = dh_B * dt
         if HAS_D:
-            du = du + Dv[None, :] * dy
-            dD_acc += tl.sum(dy * u, axis=0)
-        ddt = dhB * u + tl.sum(dh_ah * A[None, :, :], axis=2)
-        dA_acc += tl.sum(dh_ah * dt[:, :, None], axis=0)
+            du += Dv[:, None] * dy
+            dD_acc += tl.sum(dy * u, axis=1)
+        if HAS_Z:
+            dout = _load_tile(dout_ptr, s_o_d, s_o_l, offs_d, offs_t, mdt)
+            sz = _sigmoid(z)
+            pre_gate = y_pre + Dv[:, None] * u
+            dz = dout * pre_gate * sz * (1.0 + z * (1.0 - sz))
+            tl.store(dz_ptr + grad_offs + offs_t[None, :], dz, mask=mdt)
+        ddt = dh_B * u + dh_Aah
         if SOFTPLUS:
+            _, dt_pre = _load_delta(dt_ptr, s_dt_d, s_dt_l, bias, offs_d, offs_t, mdt,
+                                    HAS_BIAS, SOFTPLUS)
             ddt = ddt * _sigmoid(dt_pre)
         ddt = tl.where(mdt, ddt, 0.0)
-        dbias_acc += tl.sum(ddt, axis=0)
-        tl.store(du_ptr + grad_base + offs_d[None, :] * L + offs_t[:, None], du, mask=mdt)
-        tl.store(ddt_ptr + grad_base + offs_d[None, :] * L + offs_t[:, None], ddt, mask=mdt)
+        dbias_acc += tl.sum(ddt, axis=1)
+        tl.store(du_ptr + grad_offs + offs_t[None, :], du, mask=mdt)
+        tl.store(ddt_ptr + grad_offs + offs_t[None, :], ddt, mask=mdt)
     tl.store(dA_ptr + b * d * N + state_offs, dA_acc, mask=mdn)
     tl.store(dD_ptr + b * d + offs_d, dD_acc, mask=md)
     tl.store(dbias_ptr + b * d + offs_d, dbias_acc, mask=md)
@@ -278,25 +325,25 @@ def _scan_bwd_kernel(
         # h_0 = a_0 h_init + x_0, so d h_init = a_0 dh_0 (a_0 is 0 where a document starts).
         offs_t0 = tl.arange(0, 1)
         dt0, _ = _load_delta(dt_ptr, s_dt_d, s_dt_l, bias, offs_d, offs_t0,
-                             (offs_t0 < L)[:, None] & md[None, :], HAS_BIAS, SOFTPLUS)
-        a0 = tl.exp2(tl.sum(dt0, axis=0)[:, None] * A2)
+                             md[:, None] & (offs_t0 < L)[None, :], HAS_BIAS, SOFTPLUS)
+        A_tile = tl.load(A_ptr + state_offs, mask=mdn, other=0.0)
+        a0 = tl.exp2(tl.sum(dt0, axis=1)[:, None] * A_tile * LOG2E)
         if HAS_RESET:
             r0 = tl.sum(tl.load(reset_ptr + offs_t0 * s_r_l).to(tl.int32), axis=0)
             a0 = tl.where(r0 != 0, 0.0, a0)
-        tl.store(dh0_ptr + b * d * N + state_offs, a0 * dh_carry, mask=mdn)
+        tl.store(dh0_ptr + b * d * N + state_offs, a0 * G, mask=mdn)
 
 
-def _tile_sizes(n_state: int) -> tuple[int, int, int, int]:
-    """(BLOCK_T, BLOCK_N, BLOCK_D, num_warps).
+def _tile_sizes(L: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_D, num_warps) for a sequence of length L.
 
-    BLOCK_D * BLOCK_N = 32 * num_warps: every thread then owns one (channel, state) pair and
-    the whole time axis of the tile, so the scan along time runs inside a thread. Chunk 32,
-    8 channels, 4 warps was the fastest of the shapes timed on an H100 (docs/benchmarks.md).
+    One channel per program and one warp: every reduction and layout change then stays
+    inside a warp (no shared-memory round trips or block barriers in the loop over states).
+    512 positions per chunk (16 per thread) was the fastest forward and forward+backward of
+    the tile shapes timed on an H100 (docs/benchmarks.md).
     """
-    block_n = triton.next_power_of_2(n_state)
-    warps = 4
-    block_d = max(1, 32 * warps // block_n)
-    return 32, block_n, block_d, warps
+    block_t = min(MAX_CHUNK, max(16, triton.next_power_of_2(L)))
+    return block_t, 1, 1
 
 
 def _strides3(t: torch.Tensor | None):
@@ -309,7 +356,7 @@ class SelectiveScanFn(torch.autograd.Function):
                 return_last_state):
         batch, d, L = u.shape
         N = A.shape[1]
-        chunk, block_n, block_d, warps = _tile_sizes(N)
+        chunk, block_d, warps = _tile_sizes(L)
         n_chunks = triton.cdiv(L, chunk)
         A = A.float().contiguous()
         D = D.float().contiguous() if D is not None else None
@@ -322,8 +369,7 @@ class SelectiveScanFn(torch.autograd.Function):
         ckpt = u.new_empty((batch, n_chunks, d, N), dtype=torch.float32) if needs_grad else None
         last = u.new_empty((batch, d, N), dtype=torch.float32) if return_last_state else None
         dummy = A
-        grid = (triton.cdiv(d, block_d), batch)
-        _scan_fwd_kernel[grid](
+        _scan_fwd_kernel[(triton.cdiv(d, block_d), batch)](
             u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy,
             reset_u8 if reset_u8 is not None else dummy,
@@ -336,7 +382,7 @@ class SelectiveScanFn(torch.autograd.Function):
             SOFTPLUS=bool(delta_softplus), HAS_RESET=reset is not None,
             HAS_H0=initial_state is not None, STORE_CKPT=needs_grad,
             STORE_LAST=bool(return_last_state),
-            BLOCK_D=block_d, BLOCK_T=chunk, BLOCK_N=block_n, num_warps=warps,
+            BLOCK_D=block_d, BLOCK_T=chunk, BLOCK_N=triton.next_power_of_2(N), num_warps=warps,
         )
         if needs_grad:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, reset_u8, ckpt)
@@ -353,6 +399,7 @@ class SelectiveScanFn(torch.autograd.Function):
         batch, d, L = u.shape
         N = A.shape[1]
         n_chunks = ckpt.shape[1]
+        chunk, block_d, warps = _tile_sizes(L)
         f32 = dict(device=u.device, dtype=torch.float32)
         du = torch.empty((batch, d, L), **f32)
         ddt = torch.empty((batch, d, L), **f32)
@@ -366,7 +413,6 @@ class SelectiveScanFn(torch.autograd.Function):
         if dlast is not None:
             dlast = dlast.float().contiguous()
         dummy = A
-        chunk, block_n, block_d, warps = _tile_sizes(N)
         _scan_bwd_kernel[(triton.cdiv(d, block_d), batch)](
             u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy,
@@ -380,7 +426,7 @@ class SelectiveScanFn(torch.autograd.Function):
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=ctx.delta_softplus, HAS_RESET=reset_u8 is not None,
             HAS_DLAST=dlast is not None, NEED_DH0=ctx.has_h0,
-            BLOCK_D=block_d, BLOCK_T=chunk, BLOCK_N=block_n, num_warps=warps,
+            BLOCK_D=block_d, BLOCK_T=chunk, BLOCK_N=triton.next_power_of_2(N), num_warps=warps,
         )
         u_dt, dt_dt, B_dt, C_dt, z_dt = ctx.dtypes
         return (

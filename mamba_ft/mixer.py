@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mamba_ft import ops
 
@@ -58,16 +59,31 @@ class LowRankPath:
 
 
 def project(x: torch.Tensor, weight, bias, lora: LowRankPath | None) -> torch.Tensor:
+    """(batch, L, in) -> (batch, L, out): a projection plus its optional LoRA side path."""
     y = F.linear(x, weight, bias)
     return y if lora is None else y + lora(x).to(y.dtype)
 
 
-def _mask_padding(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    # Same rule as transformers (zero the padded positions of a (batch, L, d) tensor), so
-    # padded batches give the same numbers on both implementations.
+def project_channels_first(x: torch.Tensor, weight, bias, lora: LowRankPath | None):
+    """(batch, L, in) -> (batch, out, L), contiguous along time.
+
+    The scan and conv kernels read each channel's sequence; producing it time-contiguous from
+    the matmul itself (weight @ x^T) costs nothing, where transposing afterwards would cost a
+    copy or uncoalesced loads in every kernel that follows.
+    """
+    y = torch.matmul(weight, x.transpose(1, 2))
+    if bias is not None:
+        y = y + bias.to(y.dtype)[:, None]
+    return y if lora is None else y + lora(x).transpose(1, 2).to(y.dtype)
+
+
+def _mask_padding(x: torch.Tensor, attention_mask: torch.Tensor | None, time_dim: int):
+    # Same rule as transformers (zero the padded positions), so padded batches give the same
+    # numbers on both implementations. x is (batch, L, d) (time_dim 1) or (batch, d, L) (2).
     if attention_mask is None:
         return x
-    return (x * attention_mask[:, :, None]).to(x.dtype)
+    mask = attention_mask.unsqueeze(3 - time_dim)
+    return (x * mask).to(x.dtype)
 
 
 class MambaFTMixer(nn.Module):
@@ -99,6 +115,9 @@ class MambaFTMixer(nn.Module):
         self.adapter: nn.Module | None = None
         # Set by `mamba_ft.models.document_starts` for packed batches: (batch, L) bool.
         self.document_starts: torch.Tensor | None = None
+        # Set by `mamba_ft.models.set_recompute_ssm`: trade one more forward of the SSM
+        # branch in the backward for not storing its activations.
+        self.recompute_ssm = False
 
     def raw_weights(self) -> MixerWeights:
         return MixerWeights(
@@ -122,8 +141,7 @@ class MambaFTMixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, cache_params=None, attention_mask=None, **kwargs):
         w = self.mixer_weights()
-        batch, seq_len, _ = hidden_states.shape
-        R, N = self.time_step_rank, self.ssm_state_size
+        seq_len = hidden_states.shape[1]
 
         conv_state = ssm_state = None
         if cache_params is not None:
@@ -132,9 +150,10 @@ class MambaFTMixer(nn.Module):
             # The cache updates these tensors in place below; keep what this step starts from.
             conv_state = None if conv_state is None else conv_state[..., 1:].clone()
 
-        hidden_states = _mask_padding(hidden_states, attention_mask)
-        xz = project(hidden_states, w.in_proj_weight, w.in_proj_bias, w.in_proj_lora)
-        x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L) each
+        hidden_states = _mask_padding(hidden_states, attention_mask, time_dim=1)
+        xz = project_channels_first(hidden_states, w.in_proj_weight, w.in_proj_bias,
+                                    w.in_proj_lora)
+        x, z = xz.chunk(2, dim=1)  # (batch, d_inner, L) each, time-contiguous
         A = -torch.exp(w.A_log.float())
 
         if conv_state is not None and ssm_state is not None and seq_len == 1:
@@ -144,22 +163,39 @@ class MambaFTMixer(nn.Module):
             if cache_params is not None:
                 # Stores the last `width` inputs for the next step (transformers' layout).
                 cache_params.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
-            x = ops.causal_conv1d(x, w.conv_weight, w.conv_bias, initial_state=conv_state,
-                                  reset=self.document_starts)
-            x = _mask_padding(x.transpose(1, 2), attention_mask)  # (batch, L, d_inner)
-            dt, B, C = torch.split(F.linear(x, w.x_proj_weight), [R, N, N], dim=-1)
-            delta = F.linear(dt, w.dt_proj_weight)  # bias is added inside the scan, in fp32
-            result = ops.selective_scan(
-                x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
-                D=w.D.float(), z=z, delta_bias=w.dt_bias.float(), delta_softplus=True,
-                initial_state=ssm_state, reset=self.document_starts,
-                return_last_state=cache_params is not None,
-            )
-            if cache_params is not None:
-                result, last_state = result
-                cache_params.update_recurrent_state(last_state, self.layer_idx)
-            y = result.transpose(1, 2)
+            if self.recompute_ssm and cache_params is None and torch.is_grad_enabled():
+                # Keep only xz for the backward and run conv -> x_proj -> dt_proj -> scan again
+                # there: saves the conv output, delta, B, C and the scan's checkpoints of every
+                # layer for one more forward of that branch.
+                y = checkpoint(self._ssm_branch, x, z, w, A, None, None, attention_mask,
+                               use_reentrant=False)
+            else:
+                y = self._ssm_branch(x, z, w, A, conv_state, ssm_state, attention_mask,
+                                     cache_params)
+            y = y.transpose(1, 2)
         return project(y.to(hidden_states.dtype), w.out_proj_weight, w.out_proj_bias, w.out_proj_lora)
+
+    def _ssm_branch(self, x, z, w: MixerWeights, A, conv_state, ssm_state, attention_mask,
+                    cache_params=None):
+        """conv -> x_proj -> dt_proj -> gated scan over (batch, d_inner, L); same layout out."""
+        R, N = self.time_step_rank, self.ssm_state_size
+        x = ops.causal_conv1d(x, w.conv_weight, w.conv_bias, initial_state=conv_state,
+                              reset=self.document_starts)
+        x = _mask_padding(x, attention_mask, time_dim=2)
+        dt, B, C = torch.split(F.linear(x.transpose(1, 2), w.x_proj_weight), [R, N, N], dim=-1)
+        # (batch, d_inner, L) time-contiguous, like x; the bias is added inside the scan, in
+        # fp32, with the softplus.
+        delta = torch.matmul(w.dt_proj_weight, dt.transpose(1, 2))
+        result = ops.selective_scan(
+            x, delta, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
+            D=w.D.float(), z=z, delta_bias=w.dt_bias.float(), delta_softplus=True,
+            initial_state=ssm_state, reset=self.document_starts,
+            return_last_state=cache_params is not None,
+        )
+        if cache_params is not None:
+            result, last_state = result
+            cache_params.update_recurrent_state(last_state, self.layer_idx)
+        return result
 
     def _decode_step(self, x, z, w: MixerWeights, A, conv_state, ssm_state, cache_params):
         """One token with the cache: conv window and recurrent state advance by one."""

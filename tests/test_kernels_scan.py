@@ -85,7 +85,8 @@ def assert_match(results, tol):
                                    msg=lambda m, n=name: f"grad {n}: {m}")
 
 
-# Tiny shapes for the interpreter: L=70 is two chunks of 64 (not a multiple), d odd.
+# Tiny shapes for the interpreter: d odd, L=1, N not a power of two, and (with max_chunk 16)
+# several chunks with a partial last one, so the carries between chunks are checked too.
 CPU_CASES = [
     # (batch, d, L, N, options)
     pytest.param(2, 5, 70, 4, dict(reset=True), id="all-options-reset-N4"),
@@ -95,9 +96,19 @@ CPU_CASES = [
 ]
 
 
+@pytest.fixture(params=[16, None], ids=["chunk16", "default-chunk"])
+def max_chunk(request, monkeypatch):
+    """Run with the kernel's longest chunk lowered to 16 positions, and with the default."""
+    if request.param is not None:
+        from mamba_ft.kernels import selective_scan as scan_module
+
+        monkeypatch.setattr(scan_module, "MAX_CHUNK", request.param)
+    return request.param
+
+
 @in_process
 @pytest.mark.parametrize("batch,d,L,N,opts", CPU_CASES)
-def test_scan_fp32_matches_reference(batch, d, L, N, opts):
+def test_scan_fp32_matches_reference(batch, d, L, N, opts, max_chunk):
     inputs, starts = make_inputs(batch, d, L, N, **opts)
     assert_match(run_both(inputs, starts), FP32)
 
@@ -123,15 +134,19 @@ def test_reset_isolates_documents():
 
 
 @in_process
-def test_saved_state_is_per_chunk_not_per_position():
-    """The backward keeps the inputs plus one fp32 state per chunk (16 positions or more)."""
+def test_saved_state_is_per_chunk_not_per_position(monkeypatch):
+    """The backward keeps the inputs plus one fp32 state per chunk boundary, not per position."""
+    from mamba_ft.kernels import selective_scan as scan_module
+
+    monkeypatch.setattr(scan_module, "MAX_CHUNK", 16)
     batch, d, L, N = 1, 2, 130, 4
     inputs, _ = make_inputs(batch, d, L, N, h0=False)
     y = selective_scan_fn(**inputs, delta_softplus=True)
     saved = [t for t in y.grad_fn.saved_tensors if t is not None]
     input_ptrs = {t.data_ptr() for t in inputs.values() if t is not None}
     extra = sum(t.numel() for t in saved if t.data_ptr() not in input_ptrs and t.dim() == 4)
-    assert 0 < extra <= batch * d * N * -(-L // 16)  # not 130 states per (channel, state)
+    # 9 chunks of 16: 10 boundary states per (channel, state), not 130.
+    assert 0 < extra <= batch * d * N * (-(-L // 16) + 1)
 
 
 @in_process

@@ -107,3 +107,48 @@ def test_saved_model_loads_in_plain_transformers(tiny_mamba_config, tmp_path):
     assert any(isinstance(m, MambaMixer) for m in plain.modules())
     ids = torch.randint(0, tiny_mamba_config.vocab_size, (1, 10))
     torch.testing.assert_close(plain(ids).logits, ft(ids).logits, **TOL)
+
+
+def test_recomputed_ssm_branch_gives_the_same_gradients_and_saves_less(tiny_mamba_config):
+    """`set_recompute_ssm` changes what the backward stores, not what it computes.
+
+    Checked with packed documents and adapters on every target, the two things the
+    recomputation must see again in the backward. Same ops in the same order: bit-for-bit
+    equal results are expected; 1e-6 leaves room for nothing but a reordered sum.
+    """
+    from torch.autograd.graph import saved_tensors_hooks
+
+    from mamba_ft.adapters import AdapterConfig, attach_adapters
+    from mamba_ft.models import set_recompute_ssm
+
+    _, plain = pair(tiny_mamba_config)
+    attach_adapters(plain, AdapterConfig(targets=["all"], rank=4))
+    for p in plain.parameters():  # adapters start at B = 0; give every path a gradient
+        p.data.add_(torch.randn_like(p) * 0.01)
+    recomputed = copy.deepcopy(plain)
+    assert set_recompute_ssm(recomputed, True) == tiny_mamba_config.num_hidden_layers
+    ids = torch.randint(0, tiny_mamba_config.vocab_size, (2, 40))
+    starts = torch.zeros(2, 40, dtype=torch.bool)
+    starts[:, [0, 17]] = True
+
+    def run(model):
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with document_starts(model, starts), saved_tensors_hooks(pack, lambda t: t):
+            loss = model(ids, labels=ids).loss
+        with document_starts(model, starts):
+            loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return loss, grads, sum(saved)
+
+    loss_a, grads_a, saved_a = run(plain)
+    loss_b, grads_b, saved_b = run(recomputed)
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-6, rtol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, atol=1e-6, rtol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert saved_b < saved_a

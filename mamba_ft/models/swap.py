@@ -46,3 +46,16 @@ def document_starts(model: nn.Module, starts: torch.Tensor | None):
     finally:
         for mixer in targets:
             mixer.document_starts = None
+
+
+def set_recompute_ssm(model: nn.Module, enabled: bool) -> int:
+    """Recompute each mixer's SSM branch in the backward instead of storing its activations.
+
+    Per layer the backward then keeps only the in_proj output; the conv output, delta, B, C
+    and the scan's chunk states are rebuilt by running conv -> x_proj -> dt_proj -> scan once
+    more. Returns how many mixers were set.
+    """
+    targets = mixers(model)
+    for mixer in targets:
+        mixer.recompute_ssm = enabled
+    return len(targets)
