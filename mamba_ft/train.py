@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from mamba_ft import data as data_lib
-from mamba_ft import precision
+from mamba_ft import distributed, precision
 from mamba_ft.errors import UserError
 from mamba_ft.recipe import Recipe, load_recipe
 
@@ -83,14 +83,20 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, train_dataset=None, eva
     # process group (PartialState) is kept.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    accelerator = Accelerator(
-        mixed_precision=precision.mixed_precision_for(recipe.precision.mode, torch.device(device_type)),
-        gradient_accumulation_steps=run.grad_accum_steps,
-        log_with=trackers or None,
-        project_dir=run.output_dir,
-        cpu=device_type == "cpu",  # also makes a multi-process launch without GPUs use gloo
-        kwargs_handlers=[GradScalerKwargs(init_scale=recipe.precision.fp16_init_scale)],
-    )
+    # FSDP2 launches: mamba-ft shards the model itself (mamba_ft/distributed.py says why), so
+    # Accelerate is built as for a plain multi-process launch. FSDP1 and DeepSpeed are refused here.
+    fsdp2 = distributed.fsdp2_from_launch()
+    if fsdp2 is not None:
+        distributed.check_fsdp2_recipe(recipe)
+    with distributed.plain_multiprocess_accelerate() if fsdp2 is not None else nullcontext():
+        accelerator = Accelerator(
+            mixed_precision=precision.mixed_precision_for(recipe.precision.mode, torch.device(device_type)),
+            gradient_accumulation_steps=run.grad_accum_steps,
+            log_with=trackers or None,
+            project_dir=run.output_dir,
+            cpu=device_type == "cpu",  # also makes a multi-process launch without GPUs use gloo
+            kwargs_handlers=[GradScalerKwargs(init_scale=recipe.precision.fp16_init_scale)],
+        )
     _check_distributed(accelerator)
     precision.set_tf32(recipe.precision.tf32)
     out = Path(run.output_dir)
@@ -129,9 +135,12 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, train_dataset=None, eva
         if _is_main():
             print(adapter_report.format())
     precision.enforce_fp32(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    if not any(p.requires_grad for p in model.parameters()):
         raise UserError("Nothing to train: no parameter requires a gradient.")
+    full_shapes = distributed.full_shapes(model)  # to check what is saved from shards
+    if fsdp2 is not None:
+        model = distributed.shard_model(model, fsdp2, accelerator.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # the shards, under FSDP2
 
     train_data, eval_data = _datasets(recipe, tokenizer, train_dataset, eval_dataset, accelerator)
     pad_id = _pad_id(tokenizer)
@@ -147,7 +156,10 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, train_dataset=None, eva
     optimizer = torch.optim.AdamW(trainable, lr=recipe.optim.lr, betas=recipe.optim.betas,
                                   eps=recipe.optim.eps, weight_decay=recipe.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe.schedule, total_steps))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp2 is None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:  # already sharded; Accelerate must not wrap it in DDP
+        optimizer = accelerator.prepare(optimizer)
     # The scheduler is not prepared: it steps once per optimizer step, whatever the process count.
 
     # -- 3. resume ------------------------------------------------------------------------------
@@ -239,16 +251,23 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, train_dataset=None, eva
                          final_eval_loss=final_eval, skipped_steps=skipped.count, metrics_path=metrics.path)
     # keep_fp32_wrapper=False: hand back a plain module, without the autocast wrapper on forward.
     unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    if _is_main():
-        if run.save_final:
-            result.saved_to = _save_final(recipe, unwrapped, tokenizer, out)
-        if cfg_log.plot:
-            result.plot_path = _plot(metrics.path, out / "loss.png")
-        if recipe.evaluation.icl_rules is not None:
-            result.evaluation["icl_rules"] = _icl_rules_eval(recipe.evaluation.icl_rules, unwrapped, tokenizer, out)
-        if recipe.evaluation.icl_sweep is not None:
-            result.evaluation["icl_sweep"] = _icl_sweep(recipe, unwrapped, tokenizer, out)
-    accelerator.wait_for_everyone()
+    # Under FSDP2 every process gathers the full parameters, so the main process saves and
+    # evaluates with the single-device code (and the saved tensors are checked to be whole).
+    full_state = (distributed.full_state_dict(unwrapped, accelerator.is_main_process)
+                  if run.save_final and recipe.adapter is None and distributed.is_sharded(unwrapped) else None)
+    with distributed.gathered(unwrapped):
+        if _is_main():
+            if run.save_final:
+                result.saved_to = _save_final(recipe, unwrapped, tokenizer, out, full_state)
+                if distributed.is_sharded(unwrapped):
+                    distributed.check_saved(result.saved_to, full_shapes, adapter=recipe.adapter is not None)
+            if cfg_log.plot:
+                result.plot_path = _plot(metrics.path, out / "loss.png")
+            if recipe.evaluation.icl_rules is not None:
+                result.evaluation["icl_rules"] = _icl_rules_eval(recipe.evaluation.icl_rules, unwrapped, tokenizer, out)
+            if recipe.evaluation.icl_sweep is not None:
+                result.evaluation["icl_sweep"] = _icl_sweep(recipe, unwrapped, tokenizer, out)
+        accelerator.wait_for_everyone()
     if trackers:
         accelerator.end_training()
     return result
@@ -261,15 +280,16 @@ def _check_distributed(accelerator) -> None:
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.FSDP:
-        # FSDP1 cannot mix frozen base weights with trainable adapters (or fp32 SSM parameters
-        # with bf16 ones) in one unit, and saving adapters from FSDP2's sharded parameters is
-        # not verified yet: refusing is better than a run that saves empty or wrong adapters.
-        raise UserError("FSDP launches are not supported yet; launch with data parallel "
-                        "instead (accelerate launch --config_file configs/accelerate/ddp.yaml).")
+        # Only reached when Accelerate's own FSDP path is active (an FSDP plugin passed in code):
+        # FSDP2 launches are sharded by mamba-ft itself (distributed.fsdp2_from_launch).
+        raise UserError("Accelerate's own FSDP path is not supported; launch with "
+                        "accelerate launch --config_file configs/accelerate/fsdp2.yaml (mamba-ft shards "
+                        "the model itself) or configs/accelerate/ddp.yaml.")
     if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU,
                                             DistributedType.MULTI_CPU):
         raise UserError(f"Accelerate's {accelerator.distributed_type.value} launch is not supported; "
-                        f"use configs/accelerate/ddp.yaml (or no launcher on one device).")
+                        f"use configs/accelerate/ddp.yaml or configs/accelerate/fsdp2.yaml "
+                        f"(or no launcher on one device).")
 
 
 def _is_main() -> bool:
@@ -431,7 +451,10 @@ def _forward_loss_sum(model, batch, accelerator, backward_scale: float | None = 
     labels = batch.pop("labels")
     boundary = document_starts(accelerator.unwrap_model(model), starts) if starts is not None else nullcontext()
     with boundary:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        # Accelerate puts this autocast on a prepared model's forward; an FSDP2-sharded model is
+        # not prepared, so enter it here (nesting the same autocast changes nothing).
+        with accelerator.autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         loss_sum = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
                                    ignore_index=data_lib.IGNORE, reduction="sum")
         if backward_scale is not None:
@@ -448,10 +471,16 @@ def _eval_loss(model, eval_data, run, pad_id, accelerator) -> float:
     if run.eval_batches is not None:
         n_batches = min(n_batches, run.eval_batches)
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    for b in range(rank, n_batches, world):
-        batch = data_lib.collate(eval_data[b * micro: (b + 1) * micro], pad_id)
-        total[0] += _forward_loss_sum(model, batch, accelerator).double()
-        total[1] += data_lib.count_targets(batch)
+    # Every process runs the same number of forwards (FSDP2 all-gathers inside each one); one
+    # left without a batch of its own repeats batch 0 and does not count it.
+    for first in range(0, n_batches, world):
+        b = first + rank
+        start = (b if b < n_batches else 0) * micro
+        batch = data_lib.collate(eval_data[start: start + micro], pad_id)
+        loss = _forward_loss_sum(model, batch, accelerator).double()
+        if b < n_batches:
+            total[0] += loss
+            total[1] += data_lib.count_targets(batch)
     total = accelerator.reduce(total, "sum")
     return float(total[0] / total[1].clamp(min=1))
 
@@ -532,21 +561,21 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-
-
 def _save_checkpoint(out, step, step_losses, skipped, model, optimizer, scheduler, accelerator, keep_last):
     """Write checkpoints/step-N atomically (temporary dir, then rename); keep the last k."""
     from safetensors.torch import save_file
 
     root = out / "checkpoints"
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
-    if accelerator.is_main_process:
+    # Every process takes part in gathering (FSDP2 shards); the main one writes.
+    unwrapped, main = accelerator.unwrap_model(model), accelerator.is_main_process
+    trainable = distributed.trainable_state(unwrapped, main)
+    optimizer_state = distributed.optimizer_state(unwrapped, optimizer, main)
+    if main:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of our own interrupted save
         tmp.mkdir(parents=True)
-        save_file(_trainable_state(accelerator.unwrap_model(model)), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None},
                    tmp / "optimizer.pt")
     accelerator.wait_for_everyone()
@@ -562,7 +591,7 @@ def _save_checkpoint(out, step, step_losses, skipped, model, optimizer, schedule
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps(
             {"step": step, "step_losses": step_losses, "skipped_steps": skipped,
-             "num_processes": accelerator.num_processes}))
+             "num_processes": accelerator.num_processes, "layout": distributed.layout(unwrapped)}))
         os.replace(tmp, final)
         older = sorted((p for p in root.glob("step-*")), key=lambda p: int(p.name.split("-")[1]))
         for stale in older[:-keep_last]:
@@ -578,13 +607,13 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, accelerator):
         raise UserError(f"Checkpoint {path} was written by {state['num_processes']} processes and this "
                         f"run has {accelerator.num_processes}; resume with the same number of processes.")
     unwrapped = accelerator.unwrap_model(model)
-    trainable = load_file(str(path / "trainable.safetensors"))
-    params = dict(unwrapped.named_parameters())
-    with torch.no_grad():
-        for name, value in trainable.items():
-            params[name].copy_(value)
+    written_by, this_run = state.get("layout", "replicated"), distributed.layout(unwrapped)
+    if written_by != this_run:
+        raise UserError(f"Checkpoint {path} was written by a {written_by} launch and this run is "
+                        f"{this_run} (FSDP2 vs DDP / one device); resume with the launch config that wrote it.")
+    distributed.load_trainable_state(unwrapped, load_file(str(path / "trainable.safetensors")))
     saved = torch.load(path / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
+    distributed.load_optimizer_state(unwrapped, optimizer, saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if accelerator.scaler and saved["scaler"]:
         accelerator.scaler.load_state_dict(saved["scaler"])
@@ -598,8 +627,11 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, accelerator):
     return state["step"], list(state["step_losses"]), state["skipped_steps"]
 
 
-def _save_final(recipe: Recipe, model, tokenizer, out: Path) -> Path:
-    """The adapter (PEFT-style dir) or, for full training, the whole model with its tokenizer."""
+def _save_final(recipe: Recipe, model, tokenizer, out: Path, state_dict: dict | None = None) -> Path:
+    """The adapter (PEFT-style dir) or, for full training, the whole model with its tokenizer.
+
+    `state_dict`: the gathered full state of an FSDP2 model (its own state_dict() holds shards).
+    """
     if recipe.adapter is not None:
         from mamba_ft.adapters import merge_adapters, save_adapters
 
@@ -612,7 +644,7 @@ def _save_final(recipe: Recipe, model, tokenizer, out: Path) -> Path:
                 tokenizer.save_pretrained(out / "merged")
         return target
     target = out / "model"
-    model.save_pretrained(target)
+    model.save_pretrained(target, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(target)
     return target

@@ -1,0 +1,243 @@
+"""Multi-GPU scaling of mamba-ft training: tokens/s on 1 and N GPUs, peak memory per GPU, DDP vs FSDP2.
+
+The model is built from a config in the shape of Mamba-1.4B (d_model 2048, 48 layers, vocab
+50280; random init, no downloads), with LoRA on all targets (rank 8, as in
+benchmarks/train_throughput.py), fp32 parameters, bf16 autocast, AdamW, L 2048. Each process
+trains on its own random token ids, `--batch` sequences per GPU (weak scaling: the global batch
+grows with the GPUs). One step: forward, backward, gradient all-reduce (DDP) or reduce-scatter
+(FSDP2), AdamW.
+
+Runs, each a fresh `torchrun` launch: 1 GPU; DDP on --gpus GPUs (torch DDP, what Accelerate
+wraps the model in); FSDP2 on --gpus GPUs (mamba_ft.distributed.shard_model, what
+`mamba-ft train` does under configs/accelerate/fsdp2.yaml). DDP scaling efficiency is
+tokens/s on N GPUs / (N x tokens/s on 1 GPU).
+
+    python benchmarks/distributed.py [--gpus 2] [--batch 2] [--L 2048] [--steps 10] [--out DIR]
+    python benchmarks/distributed.py --cpu-dry-run --out /tmp/dist-bench   # gloo, tiny model
+
+Writes distributed.json and distributed.md under --out (default benchmarks/results); a run that
+fails, times out (--timeout per launch, --budget for all) or finds no time left becomes a row with
+its error, and the other runs go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Run as a script, this folder is sys.path[0], and benchmarks/kernels.py would then be importable as a
+# top-level `kernels`, shadowing the Hugging Face package of that name: drop the folder.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+
+import torch  # noqa: E402
+
+SHAPES = {
+    "1.4b": dict(hidden_size=2048, num_hidden_layers=48, vocab_size=50280),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, vocab_size=256),  # the CPU dry run
+}
+
+
+# --- one process of one run ------------------------------------------------------------------
+
+def _build(shape: str, device: torch.device):
+    from mamba_ft.models import load_model
+
+    config = dict(model_type="mamba", state_size=16, expand=2, conv_kernel=4, use_cache=False, **SHAPES[shape])
+    try:  # initialise on the GPU: a 1.4B random init on the CPU takes far longer
+        with device:
+            return load_model(config, need_tokenizer=False, seed=0).model
+    except Exception as exc:
+        print(f"init on {device} failed ({type(exc).__name__}: {exc}); initialising on the CPU", flush=True)
+        return load_model(config, need_tokenizer=False, seed=0).model
+
+
+def worker(args) -> None:
+    import torch.distributed as dist
+
+    from mamba_ft import distributed as mft_dist
+    from mamba_ft.adapters import AdapterConfig, attach_adapters
+
+    on_cuda = not args.cpu_dry_run
+    dist.init_process_group("nccl" if on_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if on_cuda:
+        torch.cuda.set_device(local)
+    device = torch.device("cuda", local) if on_cuda else torch.device("cpu")
+    t0 = time.perf_counter()
+    model = _build(args.shape, device)
+    attach_adapters(model, AdapterConfig(targets=["all"], rank=8))
+    model.to(device).train()
+    if args.worker == "fsdp2":
+        model = mft_dist.shard_model(model, mft_dist.Fsdp2Settings(), device)
+    elif args.worker == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if on_cuda else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    ids = torch.randint(0, vocab, (args.batch, args.L), generator=torch.Generator().manual_seed(rank)).to(device)
+    setup_s = time.perf_counter() - t0
+    losses = []
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = model(input_ids=ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # also a sync point, as a logging loop would have
+
+    for _ in range(args.warmup):  # Triton compiles here
+        step()
+    if on_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    dist.barrier()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if on_cuda:
+        torch.cuda.synchronize()
+    dist.barrier()
+    step_s = (time.perf_counter() - started) / args.steps
+    if on_cuda:
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    row = dict(rank=rank, world=world, step_s=step_s, peak_GiB=peak, setup_s=setup_s, last_loss=losses[-1],
+               trainable=sum(p.numel() for p in params))  # a DTensor reports its global size
+    rows = [None] * world
+    dist.all_gather_object(rows, row)
+    if rank == 0:
+        Path(args.json).write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+# --- the runs, the tables ----------------------------------------------------------------------
+
+def _run_group(cmd: list[str], env: dict, timeout: float) -> tuple[int, str, str, bool]:
+    """Run torchrun; on timeout stop it with its workers (each in its own session: SIGTERM to
+    torchrun makes it stop them, SIGKILL would orphan them on the GPUs). Output goes to files,
+    not pipes, which an orphan could hold open."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return proc.returncode, out.read(), err.read(), timed_out
+
+
+def launch(kind: str, nproc: int, args, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "rows.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(Path(__file__).resolve()), "--worker", kind, "--json", str(result), "--shape", args.shape,
+               "--batch", str(args.batch), "--L", str(args.L), "--steps", str(args.steps),
+               "--warmup", str(args.warmup)] + (["--cpu-dry-run"] if args.cpu_dry_run else [])
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        started = time.perf_counter()
+        base = dict(run=kind, gpus=nproc, batch_per_gpu=args.batch, L=args.L)
+        if timeout < 20:
+            return dict(base, error="not run: time budget spent")
+        code, out, err, timed_out = _run_group(cmd, env, timeout)
+        wall = time.perf_counter() - started
+        if timed_out:
+            return dict(base, error=f"timed out after {timeout:.0f} s", log=out[-1000:] + err[-2000:])
+        if code != 0 or not result.exists():
+            return dict(base, error=f"exit {code}", log=out[-1000:] + err[-3000:])
+        rows = json.loads(result.read_text())
+    step_s = max(r["step_s"] for r in rows)  # the step ends when the slowest process ends it
+    return dict(base, step_s=step_s, tokens_per_s=nproc * args.batch * args.L / step_s,
+                peak_GiB_per_gpu=max(r["peak_GiB"] for r in rows), setup_s=max(r["setup_s"] for r in rows),
+                launch_wall_s=wall, last_loss=rows[0]["last_loss"], trainable=rows[0]["trainable"])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gpus", type=int, default=2)
+    p.add_argument("--batch", type=int, default=2, help="sequences per GPU")
+    p.add_argument("--L", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=150, help="seconds per launch at most")
+    p.add_argument("--budget", type=float, default=600, help="seconds for all launches together")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--cpu-dry-run", action="store_true", help="gloo, a tiny model: check the script")
+    p.add_argument("--shape", choices=list(SHAPES), default=None)
+    p.add_argument("--worker", choices=["single", "ddp", "fsdp2"], help=argparse.SUPPRESS)
+    p.add_argument("--json", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.shape = args.shape or ("tiny" if args.cpu_dry_run else "1.4b")
+    if args.worker:
+        return worker(args)
+
+    import triton
+
+    info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+                device="CPU (dry run, gloo)" if args.cpu_dry_run else torch.cuda.get_device_name(),
+                gpus_visible=0 if args.cpu_dry_run else torch.cuda.device_count(),
+                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+                nccl=".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
+                shape=args.shape, batch_per_gpu=args.batch, L=args.L, steps=args.steps,
+                lora="all targets, rank 8", precision="fp32 params, bf16 autocast",
+                env={k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+                                                    "NVSHMEM_DISABLE_NVLS")})
+    rows = []
+    deadline = time.monotonic() + args.budget
+    for kind, nproc in (("single", 1), ("ddp", args.gpus), ("fsdp2", args.gpus)):
+        row = launch(kind, nproc, args, min(args.timeout, deadline - time.monotonic()))
+        rows.append(row)
+        print({k: v for k, v in row.items() if k != "log"}, flush=True)
+        if "log" in row:
+            print(row["log"], flush=True)
+    single = next((r for r in rows if r["run"] == "single" and "error" not in r), None)
+    for r in rows:
+        if single and "error" not in r and r["run"] != "single":
+            r["scaling_efficiency"] = r["tokens_per_s"] / (r["gpus"] * single["tokens_per_s"])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "distributed.json").write_text(json.dumps(dict(info=info, rows=rows), indent=1))
+    md = _markdown(info, rows)
+    (args.out / "distributed.md").write_text(md)
+    print(md)
+
+
+def _markdown(info: dict, rows: list[dict]) -> str:
+    lines = [f"Device: {info['device']} x {info['gpus_visible']}; torch {info['torch']}, Triton {info['triton']}, "
+             f"NCCL {info['nccl']}; {info['date']}. Mamba-{info['shape']} shape, random init, LoRA "
+             f"{info['lora']}, {info['precision']}, AdamW, L={info['L']}, {info['batch_per_gpu']} sequences "
+             f"per GPU, {info['steps']} timed steps.", "",
+             "| run | GPUs | tokens/s | scaling efficiency | step s | peak GiB per GPU |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['run']} | {r['gpus']} | {r['error']} | | | |")
+            continue
+        eff = f"{100 * r['scaling_efficiency']:.1f}%" if "scaling_efficiency" in r else "(baseline)"
+        lines.append(f"| {r['run']} | {r['gpus']} | {r['tokens_per_s']:,.0f} | {eff} | {r['step_s']:.3f} | "
+                     f"{r['peak_GiB_per_gpu']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
