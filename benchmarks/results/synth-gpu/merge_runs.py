@@ -1,0 +1,63 @@
+"""Combine the parts of one synthetic recipe that were run as separate processes into the
+results.json, results.md and plots the recipe would have written in one run.
+
+`mamba-ft synth` trains a recipe's models one after another. mqar_gpu.yaml was instead run as
+one process per (d_model, d_state) with `--set` overrides, so that the models train side by side
+on the GPU; every part uses the recipe's seed and data, and a model's training does not depend on
+which other models are in the sweep. This script checks that each part is the recipe with only
+the sweep narrowed, then writes the parts' runs in the recipe's own model order, with each model's training log.
+
+    python benchmarks/results/synth-gpu/merge_runs.py RECIPE OUT_DIR PART_DIR...
+
+`seconds` becomes the longest part's wall time (they ran at the same time).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from mamba_ft.synthetic import report
+from mamba_ft.synthetic.runner import plan_models
+from mamba_ft.synthetic.spec import load_spec
+
+
+def merge(recipe: str, out: Path, parts: list[Path]) -> dict:
+    spec = load_spec(recipe)
+    full = spec.model_dump(mode="json")
+    parts = [p for p in parts if (p / "results.json").exists()]  # a part with no finished model has none
+    results = [json.loads((p / "results.json").read_text()) for p in parts]
+    for part, r in zip(parts, results):
+        narrowed = json.loads(json.dumps(r["spec"]))
+        narrowed["models"] = full["models"]
+        if narrowed != full:
+            raise SystemExit(f"{part} is not {recipe} with only models narrowed")
+        if r["test_set_sizes"] != results[0]["test_set_sizes"]:
+            raise SystemExit(f"{part} was scored on other test sets")
+    runs = {(run["variant"], run["model"]): run for r in results for run in r["runs"]}
+    trained_in = {(run["variant"], run["model"]): part for part, r in zip(parts, results) for run in r["runs"]}
+    order = []
+    for label, task in spec.tasks():
+        for plan in plan_models(spec, task, 1_000_000):
+            order.append((label, plan.name))
+    missing = [key for key in order if key not in runs]
+    merged = {"name": Path(recipe).stem, "spec": full, "device": results[0]["device"],
+              "torch": results[0]["torch"], "seconds": max(r["seconds"] for r in results),
+              "test_set_sizes": results[0]["test_set_sizes"],
+              "runs": [runs[key] for key in order if key in runs],
+              "merged_from": [str(p) for p in parts], "missing": [list(k) for k in missing]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(merged, indent=1))
+    report.write_report(merged, out)
+    for (variant, model), part in trained_in.items():  # the trainer's metrics.jsonl and recipe.yaml
+        shutil.copytree(part / "train" / variant / model, out / "train" / variant / model, dirs_exist_ok=True)
+    return merged
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 4:
+        raise SystemExit(__doc__)
+    m = merge(sys.argv[1], Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]])
+    print(f"merged {len(m['runs'])} runs; missing: {m['missing'] or 'none'}")
