@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
 import torch  # noqa: E402
+import torch.nn.functional as F
 import triton
 
 from mamba_ft.models import load_model, set_recompute_ssm
@@ -74,8 +75,11 @@ def run(name, mode, path, batch, L, steps, warmup):
     losses = []
 
     def step():
+        # The loss as mamba-ft's training loop computes it (fp32 cross-entropy over the shifted
+        # logits), not transformers' `labels=` path, which keeps more of the logits alive.
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
+            logits = model(input_ids=ids).logits
+        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

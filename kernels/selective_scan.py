@@ -14,20 +14,19 @@ Design (one program per (batch row, tile of BLOCK_D channels)):
   output y = sum_n h_n * C[n] is accumulated in registers across the loop over n, so there is
   no reduction over the state axis at all (the cross-lane reduction over N was what limited
   the first version of this kernel, docs/kernels.md). delta, u, z and the output are loaded
-  and stored once per chunk; B[n] and C[n] rows are shared by the tile's channels.
-- The state entering a chunk is folded in after the scan (h_t = prod(a) * h_in + scan(x)).
-  Chunk-boundary states travel through the checkpoint buffer (batch, n_chunks + 1, d, N):
-  slot 0 is the initial state, slot c + 1 is written at the end of chunk c (a store masked to
-  the chunk's last column) and read by chunk c + 1 after a block barrier. The backward keeps
-  only this buffer besides the inputs: saved memory O(batch * d * N * L / BLOCK_T).
+  and stored once per chunk.
+- The [BLOCK_D, N] state tile lives in registers across chunks: state n's value entering the
+  chunk is folded in after the scan (h_t = prod(a) * h_in + scan(x)) and its value at the
+  chunk's last position replaces it. With gradients, the tile is stored as it enters each
+  chunk; that checkpoint (batch, n_chunks, d, N) is all the backward keeps besides the
+  inputs: saved memory O(batch * d * N * L / BLOCK_T).
 - The backward walks the chunks in reverse and, per state n, recomputes the chunk's states
   from its checkpoint, then runs the adjoint as a reverse scan dh_t = C_t dy_t + a_{t+1}
   dh_{t+1} (the shifted decay a_{t+1} comes from delta loaded at t+1, not from shifting
   registers) and uses a_t h_{t-1} = h_t - x_t, so no shifted state is needed either. The
-  adjoint carry between chunks goes through a two-slot scratch buffer (read one slot, write
-  the other, so no thread can overwrite a carry another is still reading). dB and dC are
-  reduced over the channel tile and added with fp32 atomics; dA, dD and d(delta_bias) are
-  written per (batch row, chunk) and summed by torch (deterministic).
+  adjoint carry between chunks and dA live in register tiles like the state. dB and dC (sums
+  over channels) are added with relaxed fp32 atomics; dA, dD and d(delta_bias) are written
+  per batch row and summed by torch (deterministic).
 """
 
 from __future__ import annotations
