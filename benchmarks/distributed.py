@@ -26,8 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,8 @@ from pathlib import Path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
 import torch  # noqa: E402
+
+from mamba_ft.distributed import run_launcher  # noqa: E402
 
 SHAPES = {
     "1.4b": dict(hidden_size=2048, num_hidden_layers=48, vocab_size=50280),
@@ -126,28 +126,6 @@ def worker(args) -> None:
 
 # --- the runs, the tables ----------------------------------------------------------------------
 
-def _run_group(cmd: list[str], env: dict, timeout: float) -> tuple[int, str, str, bool]:
-    """Run torchrun; on timeout stop it with its workers (each in its own session: SIGTERM to
-    torchrun makes it stop them, SIGKILL would orphan them on the GPUs). Output goes to files,
-    not pipes, which an orphan could hold open."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
-        timed_out = False
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        out.seek(0)
-        err.seek(0)
-        return proc.returncode, out.read(), err.read(), timed_out
-
-
 def launch(kind: str, nproc: int, args, timeout: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "rows.json"
@@ -160,7 +138,7 @@ def launch(kind: str, nproc: int, args, timeout: float) -> dict:
         base = dict(run=kind, gpus=nproc, batch_per_gpu=args.batch, L=args.L)
         if timeout < 20:
             return dict(base, error="not run: time budget spent")
-        code, out, err, timed_out = _run_group(cmd, env, timeout)
+        code, out, err, timed_out = run_launcher(cmd, env, timeout)
         wall = time.perf_counter() - started
         if timed_out:
             return dict(base, error=f"timed out after {timeout:.0f} s", log=out[-1000:] + err[-2000:])

@@ -301,3 +301,35 @@ def _inner(optimizer):
 def layout(model: nn.Module) -> str:
     """How a checkpoint's optimizer state is keyed: 'fsdp2' (by name) or 'replicated' (by index)."""
     return "fsdp2" if is_sharded(model) else "replicated"
+
+
+def run_launcher(cmd: list[str], env: dict, timeout: float, cwd=None) -> tuple[int, str, str, bool]:
+    """Run a multi-process launcher (torchrun, accelerate launch) to completion or `timeout`.
+
+    Returns (exit code, stdout, stderr, timed out). On timeout the launcher is stopped with its
+    workers, so a hung collective cannot leave processes on the GPUs: each launch gets its own
+    session; SIGTERM to the launcher makes it stop its workers (SIGKILL would orphan them), and
+    SIGKILL follows only if that fails. Output goes to files, not pipes, which an orphan could
+    hold open.
+    """
+    import signal
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=err, text=True,
+                                start_new_session=True)
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return proc.returncode, out.read(), err.read(), timed_out

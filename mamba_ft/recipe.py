@@ -30,6 +30,9 @@ class ModelSection(Section):
     tokenizer: str | None = Field(None, description="where the tokenizer comes from, when not beside the weights")
     kind: Literal["auto", "mamba", "transformer"] = "auto"
     init_seed: int | None = Field(None, description="seed for random init when source is a config")
+    recompute_ssm: bool = Field(False, description="Mamba only: run each mixer's conv -> scan branch "
+                                                   "again in the backward instead of storing it "
+                                                   "(measured at Mamba-1.4B LoRA: peak memory 33.7 -> 17.8 GiB, 18% fewer tokens/s)")
 
 
 class PrecisionSection(Section):

@@ -122,6 +122,13 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, train_dataset=None, eva
         is_mamba = bool(mixers(model))
         if tokenizer is None and train_dataset is None:
             tokenizer = _recipe_tokenizer(recipe)
+    if recipe.model.recompute_ssm:
+        if not is_mamba:
+            raise UserError("model.recompute_ssm applies to Mamba mixers only; this model is a "
+                            "Transformer. Set model.recompute_ssm: false.")
+        from mamba_ft.models import set_recompute_ssm
+
+        set_recompute_ssm(model, True)
     if recipe.data.packing and not is_mamba:
         raise UserError("data.packing is only supported for Mamba models (their state restarts at "
                         "document starts); a Transformer baseline would attend across documents. "

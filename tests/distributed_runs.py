@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import yaml
+
+from mamba_ft.distributed import run_launcher
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs" / "accelerate"
@@ -66,29 +66,12 @@ def launch(config: str | None, recipe: Path, overrides: list[str] = (), *, worke
 
 
 def run_group(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
-    """Run a launcher; on timeout stop it with its workers, so a hung collective cannot leave
-    processes behind (torchrun starts each worker in its own session: SIGTERM to the launcher
-    makes it stop them, SIGKILL would orphan them). Output goes to files, not pipes, which an
-    orphan could hold open."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=err, text=True, start_new_session=True)
-        try:
-            proc.wait(timeout=timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    what = f"timed out after {timeout:.0f} s" if timed_out else f"exit {proc.returncode}"
-    assert not timed_out and proc.returncode == 0, f"{' '.join(cmd)}: {what}\n{stdout[-2000:]}\n{stderr[-4000:]}"
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    """Run a launcher from the repository root; fail the test with its output unless it exits 0
+    in time (on timeout its workers are stopped too)."""
+    code, stdout, stderr, timed_out = run_launcher(cmd, env, timeout, cwd=REPO)
+    what = f"timed out after {timeout:.0f} s" if timed_out else f"exit {code}"
+    assert not timed_out and code == 0, f"{' '.join(cmd)}: {what}\n{stdout[-2000:]}\n{stderr[-4000:]}"
+    return subprocess.CompletedProcess(cmd, code, stdout, stderr)
 
 
 def step_losses(out: Path) -> list[float]:
