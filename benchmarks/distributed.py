@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import sys
@@ -62,9 +63,6 @@ def _build(shape: str, device: torch.device):
 def worker(args) -> None:
     import torch.distributed as dist
 
-    from mamba_ft import distributed as mft_dist
-    from mamba_ft.adapters import AdapterConfig, attach_adapters
-
     on_cuda = not args.cpu_dry_run
     dist.init_process_group("nccl" if on_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -72,6 +70,24 @@ def worker(args) -> None:
     if on_cuda:
         torch.cuda.set_device(local)
     device = torch.device("cuda", local) if on_cuda else torch.device("cpu")
+    # The model (and DDP's reducer) must be gone before the process group is: a DDP module
+    # destroyed after destroy_process_group was seen to hang a gloo rank at exit.
+    row = _measure(args, rank, world, local, device, on_cuda)
+    gc.collect()
+    rows = [None] * world
+    dist.all_gather_object(rows, row)
+    dist.destroy_process_group()
+    if rank == 0:
+        Path(args.json).write_text(json.dumps(rows))
+
+
+def _measure(args, rank: int, world: int, local: int, device: torch.device, on_cuda: bool) -> dict:
+    """Build the model for this run's kind, time its steps; this process's row."""
+    import torch.distributed as dist
+
+    from mamba_ft import distributed as mft_dist
+    from mamba_ft.adapters import AdapterConfig, attach_adapters
+
     t0 = time.perf_counter()
     model = _build(args.shape, device)
     attach_adapters(model, AdapterConfig(targets=["all"], rank=8))
@@ -115,13 +131,8 @@ def worker(args) -> None:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    row = dict(rank=rank, world=world, step_s=step_s, peak_GiB=peak, setup_s=setup_s, last_loss=losses[-1],
-               trainable=sum(p.numel() for p in params))  # a DTensor reports its global size
-    rows = [None] * world
-    dist.all_gather_object(rows, row)
-    if rank == 0:
-        Path(args.json).write_text(json.dumps(rows))
-    dist.destroy_process_group()
+    return dict(rank=rank, world=world, step_s=step_s, peak_GiB=peak, setup_s=setup_s, last_loss=losses[-1],
+                trainable=sum(p.numel() for p in params))  # a DTensor reports its global size
 
 
 # --- the runs, the tables ----------------------------------------------------------------------
