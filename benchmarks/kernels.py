@@ -100,34 +100,34 @@ def time_scan(fn, inputs, backward: bool, rep=200):
 
 
 def bench_scan(mamba_ssm_fn):
+    # Contiguous (batch, d, L) inputs: mamba_ssm's layout, and the one mamba-ft's mixer produces.
+    layout = "contiguous"
     rows = []
     for batch, d, L, N in SCAN_SHAPES:
         tokens = batch * L
-        # Contiguous (batch, d, L): mamba_ssm's layout, and the one mamba-ft's mixer produces.
-        for layout in ("contiguous",):
-            inputs = scan_inputs(batch, d, L, N)
-            impls = {"mamba-ft triton": scan_mod.selective_scan_fn}
-            if mamba_ssm_fn is not None:
-                impls["mamba_ssm cuda"] = mamba_ssm_fn
-            if d == 1536:
-                impls["pytorch reference"] = reference.selective_scan
-            for name, fn in impls.items():
-                rep = 30 if name == "pytorch reference" else 200
-                fwd = time_scan(fn, inputs, False, rep)
-                fwd_bwd = time_scan(fn, inputs, True, rep)
-                rows.append(dict(kind="selective_scan", impl=name, layout=layout, batch=batch,
-                                 d=d, L=L, N=N, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
-                                 fwd_GBps=10 * d * tokens / fwd / 1e6,
-                                 fwd_bwd_GBps=28 * d * tokens / fwd_bwd / 1e6))
-                print(f"scan {name:18s} {layout:9s} b={batch} d={d}: fwd {fwd:.3f} ms, "
-                      f"fwd+bwd {fwd_bwd:.3f} ms", flush=True)
-            if mamba_ssm_fn is not None:
-                with torch.no_grad():
-                    ours = scan_mod.selective_scan_fn(**inputs, delta_softplus=True).float()
-                    theirs = mamba_ssm_fn(**inputs, delta_softplus=True).float()
-                rows.append(dict(kind="agreement", layout=layout, batch=batch, d=d,
-                                 max_abs_diff=(ours - theirs).abs().max().item(),
-                                 ref_max_abs=theirs.abs().max().item()))
+        inputs = scan_inputs(batch, d, L, N)
+        impls = {"mamba-ft triton": scan_mod.selective_scan_fn}
+        if mamba_ssm_fn is not None:
+            impls["mamba_ssm cuda"] = mamba_ssm_fn
+        if d == 1536:
+            impls["pytorch reference"] = reference.selective_scan
+        for name, fn in impls.items():
+            rep = 30 if name == "pytorch reference" else 200
+            fwd = time_scan(fn, inputs, False, rep)
+            fwd_bwd = time_scan(fn, inputs, True, rep)
+            rows.append(dict(kind="selective_scan", impl=name, layout=layout, batch=batch,
+                             d=d, L=L, N=N, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
+                             fwd_GBps=10 * d * tokens / fwd / 1e6,
+                             fwd_bwd_GBps=28 * d * tokens / fwd_bwd / 1e6))
+            print(f"scan {name:18s} b={batch} d={d}: fwd {fwd:.3f} ms, fwd+bwd {fwd_bwd:.3f} ms",
+                  flush=True)
+        if mamba_ssm_fn is not None:
+            with torch.no_grad():
+                ours = scan_mod.selective_scan_fn(**inputs, delta_softplus=True).float()
+                theirs = mamba_ssm_fn(**inputs, delta_softplus=True).float()
+            rows.append(dict(kind="agreement", layout=layout, batch=batch, d=d,
+                             max_abs_diff=(ours - theirs).abs().max().item(),
+                             ref_max_abs=theirs.abs().max().item()))
     return rows
 
 

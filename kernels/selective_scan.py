@@ -107,7 +107,8 @@ def _decay(dt, A2, starts, HAS_RESET: tl.constexpr):
 
 @triton.jit
 def _column(tile, sel):
-    """Column n of a [BLOCK_D, BLOCK_N] register tile (sel: offs_n == n) as a [BLOCK_D] vector."""
+    """The column of a [BLOCK_D, K] register tile picked by `sel` ([1, K], one True), as a
+    [BLOCK_D] vector: a masked sum, which keeps the tile's register layout."""
     return tl.sum(tl.where(sel, tile, 0.0), axis=1)
 
 
