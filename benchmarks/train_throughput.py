@@ -57,10 +57,12 @@ def build(name: str):
     return load_model(config, need_tokenizer=False, seed=0).model
 
 
-def run(name, mode, path, batch, L, steps, warmup):
+def make_step(name, mode, path, batch, L):
+    """A model, its optimizer and one training step, ready to run: (step, trainable, losses).
+
+    Shared with benchmarks/profile_step.py, so the profile is of exactly this step.
+    """
     os.environ["MAMBA_FT_OPS"] = "reference" if path == "reference" else "auto"
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
     model = build(name).cuda().train()
     if path == "fused+recompute":
         set_recompute_ssm(model, True)
@@ -84,6 +86,14 @@ def run(name, mode, path, batch, L, steps, warmup):
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+
+    return step, trainable, losses
+
+
+def run(name, mode, path, batch, L, steps, warmup):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    step, trainable, losses = make_step(name, mode, path, batch, L)
 
     for _ in range(warmup):
         step()

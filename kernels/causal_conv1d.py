@@ -144,7 +144,7 @@ def _conv_bwd_kernel(
     HAS_RESET: tl.constexpr, SILU: tl.constexpr, NEED_DH0: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    # dx (batch, d, L) fp32 contiguous; dw (batch, n_ltiles, d, WIDTH) and dbias
+    # dx (batch, d, L) contiguous in x's dtype; dw (batch, n_ltiles, d, WIDTH) and dbias
     # (batch, n_ltiles, d) partials; dh0 (batch, d, WIDTH - 1).
     pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -157,8 +157,8 @@ def _conv_bwd_kernel(
     h0_ptr += b * d * (WIDTH - 1)
     dx = _input_grad(x_ptr, w_ptr, bias, h0_ptr, reset_ptr, dy_ptr, s_x_d, s_x_l, s_r_l,
                      s_o_d, s_o_l, offs_d, md, offs_t, L, WIDTH, HAS_H0, HAS_RESET, SILU)
-    tl.store(dx_ptr + b * d * L + offs_d[:, None] * L + offs_t[None, :], dx,
-             mask=md[:, None] & mt[None, :])
+    tl.store(dx_ptr + b * d * L + offs_d[:, None] * L + offs_t[None, :],
+             dx.to(dx_ptr.dtype.element_ty), mask=md[:, None] & mt[None, :])
     # Weight and bias gradients of this tile: tap k pairs dpre at t with the input at t - k.
     g = _dpre(x_ptr, w_ptr, bias, h0_ptr, reset_ptr, dy_ptr, s_x_d, s_x_l, s_r_l, s_o_d, s_o_l,
               offs_d, md, offs_t, L, WIDTH, HAS_H0, HAS_RESET, SILU)
@@ -217,7 +217,7 @@ class CausalConv1dFn(torch.autograd.Function):
         width = weight.shape[1]
         n_ltiles = triton.cdiv(L, _BLOCK_L)
         f32 = dict(device=x.device, dtype=torch.float32)
-        dx = torch.empty((batch, d, L), **f32)
+        dx = torch.empty((batch, d, L), device=x.device, dtype=x.dtype)  # stored cast
         dw = torch.empty((batch, n_ltiles, d, width), **f32)
         dbias = torch.empty((batch, n_ltiles, d), **f32)
         need_dh0 = initial_state is not None and ctx.needs_input_grad[3]
@@ -235,7 +235,7 @@ class CausalConv1dFn(torch.autograd.Function):
             BLOCK_D=_BLOCK_D, BLOCK_L=_BLOCK_L,
         )
         return (
-            dx.to(x.dtype),
+            dx,
             dw.sum((0, 1)).to(weight.dtype),
             dbias.sum((0, 1)).to(bias.dtype) if bias is not None else None,
             dh0.to(initial_state.dtype) if dh0 is not None else None,

@@ -208,7 +208,8 @@ def _scan_bwd_kernel(
     NEED_DH0: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # du, ddt, dz: contiguous fp32 (batch, d, L). dB, dC: zero-filled fp32 (batch, N, L).
+    # du, ddt, dz: contiguous (batch, d, L) in their inputs' dtypes (stored cast, so no
+    # fp32 copy is written and cast again). dB, dC: zero-filled fp32 (batch, N, L).
     # dA (batch, d, N), dD and dbias (batch, d): per-row partials.
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -308,7 +309,8 @@ def _scan_bwd_kernel(
             sz = _sigmoid(z)
             pre_gate = y_pre + Dv[:, None] * u
             dz = dout * pre_gate * sz * (1.0 + z * (1.0 - sz))
-            tl.store(dz_ptr + grad_offs + offs_t[None, :], dz, mask=mdt)
+            tl.store(dz_ptr + grad_offs + offs_t[None, :], dz.to(dz_ptr.dtype.element_ty),
+                     mask=mdt)
         ddt = dh_B * u + dh_Aah
         if SOFTPLUS:
             _, dt_pre = _load_delta(dt_ptr, s_dt_d, s_dt_l, bias, offs_d, offs_t, mdt,
@@ -316,8 +318,9 @@ def _scan_bwd_kernel(
             ddt = ddt * _sigmoid(dt_pre)
         ddt = tl.where(mdt, ddt, 0.0)
         dbias_acc += tl.sum(ddt, axis=1)
-        tl.store(du_ptr + grad_offs + offs_t[None, :], du, mask=mdt)
-        tl.store(ddt_ptr + grad_offs + offs_t[None, :], ddt, mask=mdt)
+        tl.store(du_ptr + grad_offs + offs_t[None, :], du.to(du_ptr.dtype.element_ty), mask=mdt)
+        tl.store(ddt_ptr + grad_offs + offs_t[None, :], ddt.to(ddt_ptr.dtype.element_ty),
+                 mask=mdt)
     tl.store(dA_ptr + b * d * N + state_offs, dA_acc, mask=mdn)
     tl.store(dD_ptr + b * d + offs_d, dD_acc, mask=md)
     tl.store(dbias_ptr + b * d + offs_d, dbias_acc, mask=md)
@@ -401,9 +404,10 @@ class SelectiveScanFn(torch.autograd.Function):
         n_chunks = ckpt.shape[1]
         chunk, block_d, warps = _tile_sizes(L)
         f32 = dict(device=u.device, dtype=torch.float32)
-        du = torch.empty((batch, d, L), **f32)
-        ddt = torch.empty((batch, d, L), **f32)
-        dz = torch.empty((batch, d, L), **f32) if z is not None else None
+        u_dt, dt_dt, B_dt, C_dt, z_dt = ctx.dtypes
+        du = torch.empty((batch, d, L), device=u.device, dtype=u_dt)
+        ddt = torch.empty((batch, d, L), device=u.device, dtype=dt_dt)
+        dz = torch.empty((batch, d, L), device=u.device, dtype=z_dt) if z is not None else None
         dB = torch.zeros((batch, N, L), **f32)
         dC = torch.zeros((batch, N, L), **f32)
         dA = torch.empty((batch, d, N), **f32)
@@ -428,11 +432,10 @@ class SelectiveScanFn(torch.autograd.Function):
             HAS_DLAST=dlast is not None, NEED_DH0=ctx.has_h0,
             BLOCK_D=block_d, BLOCK_T=chunk, BLOCK_N=triton.next_power_of_2(N), num_warps=warps,
         )
-        u_dt, dt_dt, B_dt, C_dt, z_dt = ctx.dtypes
         return (
-            du.to(u_dt), ddt.to(dt_dt), dA.sum(0), dB.to(B_dt), dC.to(C_dt),
+            du, ddt, dA.sum(0), dB.to(B_dt), dC.to(C_dt),
             dD.sum(0) if D is not None else None,
-            dz.to(z_dt) if dz is not None else None,
+            dz,
             dbias.sum(0) if delta_bias is not None else None,
             None, dh0, None, None,
         )

@@ -17,6 +17,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mamba_ft import ops
+from mamba_ft.projections import (LowRankPath, channels_first, channels_first_to_rows,
+                                  rows_to_channels_first)
 
 
 @dataclass
@@ -39,42 +41,8 @@ class MixerWeights:
     D: torch.Tensor
     out_proj_weight: torch.Tensor
     out_proj_bias: torch.Tensor | None
-    in_proj_lora: "LowRankPath | None" = None
-    out_proj_lora: "LowRankPath | None" = None
-
-
-@dataclass
-class LowRankPath:
-    """y += scale * dropout(x) @ A^T @ B^T, the LoRA side path of a projection."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    scale: float
-    dropout: nn.Module | None = None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dropout is not None:
-            x = self.dropout(x)
-        return F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype)) * self.scale
-
-
-def project(x: torch.Tensor, weight, bias, lora: LowRankPath | None) -> torch.Tensor:
-    """(batch, L, in) -> (batch, L, out): a projection plus its optional LoRA side path."""
-    y = F.linear(x, weight, bias)
-    return y if lora is None else y + lora(x).to(y.dtype)
-
-
-def project_channels_first(x: torch.Tensor, weight, bias, lora: LowRankPath | None):
-    """(batch, L, in) -> (batch, out, L), contiguous along time.
-
-    The scan and conv kernels read each channel's sequence; producing it time-contiguous from
-    the matmul itself (weight @ x^T) costs nothing, where transposing afterwards would cost a
-    copy or uncoalesced loads in every kernel that follows.
-    """
-    y = torch.matmul(weight, x.transpose(1, 2))
-    if bias is not None:
-        y = y + bias.to(y.dtype)[:, None]
-    return y if lora is None else y + lora(x).transpose(1, 2).to(y.dtype)
+    in_proj_lora: LowRankPath | None = None
+    out_proj_lora: LowRankPath | None = None
 
 
 def _mask_padding(x: torch.Tensor, attention_mask: torch.Tensor | None, time_dim: int):
@@ -151,29 +119,27 @@ class MambaFTMixer(nn.Module):
             conv_state = None if conv_state is None else conv_state[..., 1:].clone()
 
         hidden_states = _mask_padding(hidden_states, attention_mask, time_dim=1)
-        xz = project_channels_first(hidden_states, w.in_proj_weight, w.in_proj_bias,
+        xz = rows_to_channels_first(hidden_states, w.in_proj_weight, w.in_proj_bias,
                                     w.in_proj_lora)
         x, z = xz.chunk(2, dim=1)  # (batch, d_inner, L) each, time-contiguous
         A = -torch.exp(w.A_log.float())
 
         if conv_state is not None and ssm_state is not None and seq_len == 1:
             y = self._decode_step(x[..., 0], z[..., 0], w, A, conv_state, ssm_state, cache_params)
-            y = y.unsqueeze(1)
+            return channels_first_to_rows(y.unsqueeze(2), w.out_proj_weight, w.out_proj_bias,
+                                          w.out_proj_lora)
+        if cache_params is not None:
+            # Stores the last `width` inputs for the next step (transformers' layout).
+            cache_params.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
+        if self.recompute_ssm and cache_params is None and torch.is_grad_enabled():
+            # Keep only xz for the backward and run conv -> x_proj -> dt_proj -> scan again
+            # there: saves the conv output, delta, B, C and the scan's checkpoints of every
+            # layer for one more forward of that branch.
+            y = checkpoint(self._ssm_branch, x, z, w, A, None, None, attention_mask,
+                           use_reentrant=False)
         else:
-            if cache_params is not None:
-                # Stores the last `width` inputs for the next step (transformers' layout).
-                cache_params.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
-            if self.recompute_ssm and cache_params is None and torch.is_grad_enabled():
-                # Keep only xz for the backward and run conv -> x_proj -> dt_proj -> scan again
-                # there: saves the conv output, delta, B, C and the scan's checkpoints of every
-                # layer for one more forward of that branch.
-                y = checkpoint(self._ssm_branch, x, z, w, A, None, None, attention_mask,
-                               use_reentrant=False)
-            else:
-                y = self._ssm_branch(x, z, w, A, conv_state, ssm_state, attention_mask,
-                                     cache_params)
-            y = y.transpose(1, 2)
-        return project(y.to(hidden_states.dtype), w.out_proj_weight, w.out_proj_bias, w.out_proj_lora)
+            y = self._ssm_branch(x, z, w, A, conv_state, ssm_state, attention_mask, cache_params)
+        return channels_first_to_rows(y, w.out_proj_weight, w.out_proj_bias, w.out_proj_lora)
 
     def _ssm_branch(self, x, z, w: MixerWeights, A, conv_state, ssm_state, attention_mask,
                     cache_params=None):
@@ -182,12 +148,13 @@ class MambaFTMixer(nn.Module):
         x = ops.causal_conv1d(x, w.conv_weight, w.conv_bias, initial_state=conv_state,
                               reset=self.document_starts)
         x = _mask_padding(x, attention_mask, time_dim=2)
-        dt, B, C = torch.split(F.linear(x.transpose(1, 2), w.x_proj_weight), [R, N, N], dim=-1)
-        # (batch, d_inner, L) time-contiguous, like x; the bias is added inside the scan, in
-        # fp32, with the softplus.
-        delta = torch.matmul(w.dt_proj_weight, dt.transpose(1, 2))
+        # All (batch, channels, L), time-contiguous: B and C are views of x_proj's output in
+        # the layout the scan reads. dt_proj's bias is added inside the scan, in fp32, with
+        # the softplus.
+        dt, B, C = torch.split(channels_first(x, w.x_proj_weight), [R, N, N], dim=1)
+        delta = channels_first(dt, w.dt_proj_weight)
         result = ops.selective_scan(
-            x, delta, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
+            x, delta, A, B, C,
             D=w.D.float(), z=z, delta_bias=w.dt_bias.float(), delta_softplus=True,
             initial_state=ssm_state, reset=self.document_starts,
             return_last_state=cache_params is not None,

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mamba_ft.mixer import LowRankPath, MixerWeights
+from mamba_ft.mixer import MixerWeights
+from mamba_ft.projections import LowRankPath
 
 
 class LowRankDelta(nn.Module):

@@ -1,0 +1,117 @@
+"""Where a training step's GPU time goes: CUDA kernel time by kernel and by kind.
+
+Profiles the step of benchmarks/train_throughput.py (same model shapes, loss and optimizer)
+with torch.profiler and sums device time per kernel name over the profiled steps.
+
+    python benchmarks/profile_step.py [--run 130m:full:8] [--run 1.4b:lora:2] [--out DIR]
+
+Writes profile_step.json and profile_step.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+# Same reason as in train_throughput.py: keep this folder off sys.path's front.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+sys.path.insert(0, str(Path(__file__).parent.parent))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from benchmarks.train_throughput import make_step  # noqa: E402
+
+# Kernel name fragments -> kind, first match wins. Matmuls come from cuBLAS (nvjet, sm90_xmma,
+# cutlass, gemm); the scan and conv are mamba-ft's Triton kernels.
+KINDS = [
+    ("scan forward", ("_scan_fwd",)),
+    ("scan backward", ("_scan_bwd",)),
+    ("conv", ("_conv",)),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk")),
+    ("optimizer", ("adam",)),
+    ("cross-entropy / softmax", ("softmax", "nll", "log_softmax", "cross_entropy")),
+    ("reduction", ("reduce",)),
+    ("copy / cast", ("copy", "cast", "Memcpy", "Memset", "fill")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k.lower() in low for k in keys):
+            return kind
+    return "other"
+
+
+def profile_run(model, mode, batch, L, steps):
+    step, _, _ = make_step(model, mode, "fused", batch, L)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    per_kernel = defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            entry = per_kernel[ev.name]
+            entry[0] += ev.device_time_total / 1e3 / steps  # ms per step
+            entry[1] += 1
+    total = sum(v[0] for v in per_kernel.values())
+    kernels = sorted(({"name": k, "kind": kind_of(k), "ms_per_step": v[0],
+                       "calls_per_step": v[1] / steps} for k, v in per_kernel.items()),
+                     key=lambda r: -r["ms_per_step"])
+    kinds = defaultdict(float)
+    for r in kernels:
+        kinds[r["kind"]] += r["ms_per_step"]
+    return dict(model=model, mode=mode, batch=batch, L=L, steps=steps,
+                gpu_ms_per_step=total, kinds=dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+                kernels=kernels)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", action="append", default=None,
+                   help="model:mode:batch, e.g. 130m:full:8 (repeatable)")
+    p.add_argument("--L", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = p.parse_args()
+    runs = args.run or ["130m:full:8", "1.4b:lora:2"]
+    info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+                device=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, cuda=torch.version.cuda)
+    results = []
+    lines = [f"Device: {info['device']}; torch {info['torch']}, Triton {info['triton']}; "
+             f"{info['date']}; bf16 autocast, AdamW, L={args.L}, random init.", ""]
+    for spec in runs:
+        model, mode, batch = spec.split(":")
+        r = profile_run(model, mode, int(batch), args.L, args.steps)
+        results.append(r)
+        torch.cuda.empty_cache()
+        total = r["gpu_ms_per_step"]
+        lines += [f"## {model} {mode}, batch {batch}: {total:.1f} ms of kernels per step", "",
+                  "| kind | ms per step | share |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.2f} | {v / total:.1%} |" for k, v in r["kinds"].items()]
+        lines += ["", "| kernel | kind | calls | ms per step | share |", "|---|---|---|---|---|"]
+        for k in r["kernels"][:args.top]:
+            lines.append(f"| `{k['name'][:90]}` | {k['kind']} | {k['calls_per_step']:.0f} | "
+                         f"{k['ms_per_step']:.2f} | {k['ms_per_step'] / total:.1%} |")
+        lines.append("")
+        print("\n".join(lines[-(args.top + 20):]), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile_step.json").write_text(json.dumps(dict(info=info, runs=results), indent=1))
+    (args.out / "profile_step.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
