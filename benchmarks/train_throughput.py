@@ -5,7 +5,8 @@ Models are built from configs (random init, no downloads) in the shapes of Mamba
 forward + backward + AdamW under bf16 autocast at L 2048, on random token ids.
 
 Runs: full fine-tuning and LoRA on all targets (rank 8) through the fused kernels, with and
-without recomputing the SSM branch in the backward (`set_recompute_ssm`); the pure-PyTorch
+without recomputing the SSM branch in the backward (`set_recompute_ssm`), LoRA with the frozen
+base weights stored in bf16 (`adapter.frozen_dtype: bfloat16`); the pure-PyTorch
 reference path (`MAMBA_FT_OPS=reference`) for Mamba-130m as a baseline.
 
     python benchmarks/train_throughput.py [--only 130m] [--no-reference] [--out DIR]
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import sys
@@ -45,6 +47,7 @@ RUNS = [
     ("1.4b", "lora", "fused", None),
     ("1.4b", "lora", "fused", 2),  # the batch of the paper-setting anchor in DESIGN.md
     ("1.4b", "lora", "fused+recompute", 2),
+    ("1.4b", "lora", "fused+bf16-frozen", 2),  # adapter.frozen_dtype: bfloat16
     ("130m", "full", "reference", None),
 ]
 
@@ -70,6 +73,10 @@ def make_step(name, mode, path, batch, L):
         from mamba_ft.adapters import AdapterConfig, attach_adapters
 
         attach_adapters(model, AdapterConfig(targets=["all"], rank=8))
+    if path == "fused+bf16-frozen":
+        from mamba_ft.precision import store_frozen_in
+
+        store_frozen_in(model, torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -91,6 +98,9 @@ def make_step(name, mode, path, batch, L):
 
 
 def run(name, mode, path, batch, L, steps, warmup):
+    # The previous run's model can still be alive in a reference cycle (adapter hooks): free it
+    # before measuring this run's peak, or that peak includes it.
+    gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     step, trainable, losses = make_step(name, mode, path, batch, L)

@@ -106,6 +106,11 @@ def check_fsdp2_recipe(recipe) -> None:
     if recipe.run.merge_at_end:
         raise UserError("run.merge_at_end is not supported with FSDP2; train with it off and merge the "
                         "saved adapter afterwards: mamba-ft merge OUTPUT_DIR/adapter --out MERGED_DIR.")
+    if recipe.adapter is not None and recipe.adapter.frozen_dtype != "float32":
+        # fully_shard all-gathers a block's parameters as one buffer of one dtype.
+        raise UserError(f"adapter.frozen_dtype {recipe.adapter.frozen_dtype} is not supported with "
+                        f"FSDP2 (it shards every block's parameters in one dtype); set "
+                        f"adapter.frozen_dtype: float32 or launch with {DDP_CONFIG}.")
 
 
 def _layer_class_names(model: nn.Module, settings: Fsdp2Settings) -> tuple[str, ...]:

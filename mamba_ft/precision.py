@@ -60,6 +60,21 @@ def enforce_fp32(model: nn.Module) -> int:
     return moved
 
 
+def store_frozen_in(model: nn.Module, dtype: torch.dtype) -> int:
+    """Keep the frozen weights in `dtype` (the base model under adapters); return how many moved.
+
+    Parameters that `enforce_fp32` keeps in fp32 (recurrence parameters, norms, adapters) and
+    every trainable parameter stay as they are.
+    """
+    moved = 0
+    for name, param in model.named_parameters():
+        frozen = not param.requires_grad and param.is_floating_point()
+        if frozen and not FP32_PARAMS.search(name) and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            moved += 1
+    return moved
+
+
 class SkippedSteps:
     """Counts optimizer steps the fp16 loss scaler skipped because gradients overflowed."""
 

@@ -53,13 +53,14 @@ class _RowsToChannelsFirst(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w):
-        ctx.save_for_backward(x, w)
+        # The input is kept only for the weight's gradient (a frozen weight needs none).
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w)
         return torch.bmm(_broadcast(w, x.shape[0]), x.mT)
 
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
-        dx = torch.bmm(g.mT, _broadcast(w, x.shape[0])) if ctx.needs_input_grad[0] else None
+        dx = torch.bmm(g.mT, _broadcast(w, g.shape[0])) if ctx.needs_input_grad[0] else None
         dw = torch.bmm(g, x).sum(0) if ctx.needs_input_grad[1] else None
         return dx, dw
 
@@ -69,13 +70,13 @@ class _ChannelsFirstToRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, w):
-        ctx.save_for_backward(y, w)
+        ctx.save_for_backward(y if ctx.needs_input_grad[1] else None, w)
         return torch.bmm(y.mT, _broadcast(w.t(), y.shape[0]))
 
     @staticmethod
     def backward(ctx, g):
         y, w = ctx.saved_tensors
-        dy = torch.bmm(_broadcast(w.t(), y.shape[0]), g.mT) if ctx.needs_input_grad[0] else None
+        dy = torch.bmm(_broadcast(w.t(), g.shape[0]), g.mT) if ctx.needs_input_grad[0] else None
         dw = torch.bmm(g.mT, y.mT).sum(0) if ctx.needs_input_grad[1] else None
         return dy, dw
 

@@ -150,6 +150,16 @@ class Recipe(Section):
     def _none_means_full(cls, value):
         return None if isinstance(value, str) and value.lower() == "none" else value
 
+    @model_validator(mode="after")
+    def _merge_needs_full_precision_base(self):
+        if self.adapter is not None and self.adapter.frozen_dtype != "float32" and self.run.merge_at_end:
+            raise ValueError(
+                f"run.merge_at_end would merge into base weights that adapter.frozen_dtype keeps in "
+                f"{self.adapter.frozen_dtype}, losing their precision; set run.merge_at_end: false "
+                f"and merge afterwards with `mamba-ft merge OUTPUT_DIR/adapter --out DIR`, which "
+                f"loads the base at full precision")
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

@@ -142,6 +142,8 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, train_dataset=None, eva
         if _is_main():
             print(adapter_report.format())
     precision.enforce_fp32(model)
+    if recipe.adapter is not None and recipe.adapter.frozen_dtype != "float32":
+        precision.store_frozen_in(model, getattr(torch, recipe.adapter.frozen_dtype))
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError("Nothing to train: no parameter requires a gradient.")
     full_shapes = distributed.full_shapes(model)  # to check what is saved from shards

@@ -91,3 +91,17 @@ def test_autocast_runs_the_matmuls_in_bf16_and_keeps_fp32_weight_grads():
         ref = F.linear(F.linear(x, w), w.t())
     scale = ref.float().abs().max().item()
     torch.testing.assert_close(back.float(), ref.float(), rtol=2e-2, atol=2e-2 * scale)
+
+
+def test_frozen_weight_keeps_no_input_for_the_backward():
+    """With a frozen weight the input is not saved (its only use is the weight's gradient),
+    and the input's gradient is still right."""
+    torch.manual_seed(0)
+    x, w = _leaf(2, 5, 32), torch.randn(16, 32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = rows_to_channels_first(x, w)
+        back = channels_first_to_rows(out, w.t().contiguous())
+    assert not any(t.shape in (x.shape, out.shape) for t in saved)
+    ref = F.linear(F.linear(x, w), w.t())
+    torch.testing.assert_close(_grads(back, [x])[0], _grads(ref, [x])[0], **TOL)
