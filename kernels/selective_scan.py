@@ -23,10 +23,12 @@ Design (one program per (batch row, tile of BLOCK_D channels)):
 - The backward walks the chunks in reverse and, per state n, recomputes the chunk's states
   from its checkpoint, then runs the adjoint as a reverse scan dh_t = C_t dy_t + a_{t+1}
   dh_{t+1} (the shifted decay a_{t+1} comes from delta loaded at t+1, not from shifting
-  registers) and uses a_t h_{t-1} = h_t - x_t, so no shifted state is needed either. The
-  adjoint carry between chunks and dA live in register tiles like the state. dB and dC (sums
+  registers) and uses a_t h_{t-1} = h_t - x_t, so no shifted state is needed either. There
+  the per-state values go through small global buffers instead of register tiles: state n's
+  checkpoint is read from the forward's, its adjoint carry between chunks lives in a 2-slot
+  buffer (one block barrier per chunk), and its dA is written per chunk. dB and dC (sums
   over channels) are added with relaxed fp32 atomics; dA, dD and d(delta_bias) are written
-  per batch row and summed by torch (deterministic).
+  as partials and summed by torch (deterministic).
 """
 
 from __future__ import annotations
@@ -193,7 +195,7 @@ def _scan_fwd_kernel(
 @triton.jit
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, reset_ptr, ckpt_ptr,
-    dout_ptr, dlast_ptr,
+    dout_ptr, carry_ptr,
     du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr,
     d, L, N, n_chunks,
     s_u_b, s_u_d, s_u_l,
@@ -204,13 +206,17 @@ def _scan_bwd_kernel(
     s_o_b, s_o_d, s_o_l,
     s_r_b, s_r_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, HAS_RESET: tl.constexpr, HAS_DLAST: tl.constexpr,
-    NEED_DH0: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_RESET: tl.constexpr, NEED_DH0: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # du, ddt, dz: contiguous (batch, d, L) in their inputs' dtypes (stored cast, so no
     # fp32 copy is written and cast again). dB, dC: zero-filled fp32 (batch, N, L).
-    # dA (batch, d, N), dD and dbias (batch, d): per-row partials.
+    # dA (batch, n_chunks, d, N), dD and dbias (batch, d): partials summed by the caller.
+    # carry (batch, 2, d, N): the adjoint state between chunks, slot 0 starting as the
+    # gradient of the last state (or zeros); chunk i reads slot i % 2 and writes the other.
+    # Reading a state's checkpoint, carry and writing its dA partial straight from global
+    # memory, per state, keeps no [BLOCK_D, N] tile live through the loop over states (no
+    # masked column extractions, fewer registers): 12% faster than register tiles.
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -226,22 +232,15 @@ def _scan_bwd_kernel(
     dB_ptr += b * N * L
     dC_ptr += b * N * L
     grad_offs = b * d * L + offs_d[:, None] * L
-    offs_n = tl.arange(0, BLOCK_N)
-    mdn = md[:, None] & (offs_n < N)[None, :]
-    state_offs = offs_d[:, None] * N + offs_n[None, :]
-    # The adjoint state entering from later chunks, and dA, live in registers like the state.
-    if HAS_DLAST:
-        G = tl.load(dlast_ptr + b * d * N + state_offs, mask=mdn, other=0.0)
-    else:
-        G = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    ckpt_ptr += b * n_chunks * d * N + offs_d * N
+    carry_ptr += b * 2 * d * N + offs_d * N
+    dA_ptr += b * n_chunks * d * N + offs_d * N
     dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     t_in_chunk = tl.arange(0, BLOCK_T)
     first_column = (t_in_chunk == 0)[None, :]
     for i in range(n_chunks):
         c = n_chunks - 1 - i
-        H = tl.load(ckpt_ptr + ((b * n_chunks + c) * d) * N + state_offs, mask=mdn, other=0.0)
         offs_t = c * BLOCK_T + t_in_chunk
         mt = offs_t < L
         mdt = md[:, None] & mt[None, :]
@@ -271,7 +270,6 @@ def _scan_bwd_kernel(
         dh_B = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)   # sum_n dh_n B_n
         dh_Aah = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)  # sum_n dh_n A_n a_n h_{n,t-1}
         for n in range(N):
-            sel = offs_n[None, :] == n
             A = tl.load(A_ptr + offs_d * N + n, mask=md, other=0.0)
             A2 = A * LOG2E
             Bn = _load_tile(B_ptr + n * s_B_n, 0, s_B_l, offs_d, offs_t, mdt)
@@ -280,14 +278,14 @@ def _scan_bwd_kernel(
             x = dtu * Bn
             aS, hS = tl.associative_scan((_decay(dt, A2, starts, HAS_RESET), x), axis=1,
                                          combine_fn=_first_order)
-            h = hS + aS * _column(H, sel)[:, None]
+            h = hS + aS * tl.load(ckpt_ptr + c * d * N + n, mask=md, other=0.0)[:, None]
             if HAS_Z:
                 y_pre += h * Cn
             a1 = tl.where(mt1[None, :], _decay(dt1, A2, starts1, HAS_RESET), 1.0)
             gS, dhS = tl.associative_scan((a1, dy * Cn), axis=1, combine_fn=_first_order,
                                           reverse=True)
-            dh = dhS + gS * _column(G, sel)[:, None]
-            G = tl.where(sel, _column(dh, first_column)[:, None], G)
+            dh = dhS + gS * tl.load(carry_ptr + (i % 2) * d * N + n, mask=md, other=0.0)[:, None]
+            tl.store(carry_ptr + ((i + 1) % 2) * d * N + n, _column(dh, first_column), mask=md)
             # dB and dC sum over channels: one fp32 atomic per (channel, position), as
             # mamba_ssm does (a reduction over the channel tile first costs layout changes
             # through shared memory inside this loop, which measured slower).
@@ -298,7 +296,9 @@ def _scan_bwd_kernel(
             # a_t h_{t-1} = h_t - x_t (reset included), so no shifted state is needed.
             dh_ah = dh * (h - x)
             dh_Aah += dh_ah * A[:, None]
-            dA_acc = tl.where(sel, dA_acc + tl.sum(dh_ah * dt, axis=1)[:, None], dA_acc)
+            tl.store(dA_ptr + c * d * N + n, tl.sum(dh_ah * dt, axis=1), mask=md)
+        # The next (earlier) chunk reads the carries just written, possibly by other threads.
+        tl.debug_barrier()
         u = _load_tile(u_ptr, s_u_d, s_u_l, offs_d, offs_t, mdt)
         du = dh_B * dt
         if HAS_D:
@@ -321,7 +321,6 @@ def _scan_bwd_kernel(
         tl.store(du_ptr + grad_offs + offs_t[None, :], du.to(du_ptr.dtype.element_ty), mask=mdt)
         tl.store(ddt_ptr + grad_offs + offs_t[None, :], ddt.to(ddt_ptr.dtype.element_ty),
                  mask=mdt)
-    tl.store(dA_ptr + b * d * N + state_offs, dA_acc, mask=mdn)
     tl.store(dD_ptr + b * d + offs_d, dD_acc, mask=md)
     tl.store(dbias_ptr + b * d + offs_d, dbias_acc, mask=md)
     if NEED_DH0:
@@ -329,12 +328,17 @@ def _scan_bwd_kernel(
         offs_t0 = tl.arange(0, 1)
         dt0, _ = _load_delta(dt_ptr, s_dt_d, s_dt_l, bias, offs_d, offs_t0,
                              md[:, None] & (offs_t0 < L)[None, :], HAS_BIAS, SOFTPLUS)
-        A_tile = tl.load(A_ptr + state_offs, mask=mdn, other=0.0)
+        offs_n = tl.arange(0, BLOCK_N)
+        mdn = md[:, None] & (offs_n < N)[None, :]
+        A_tile = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mdn, other=0.0)
         a0 = tl.exp2(tl.sum(dt0, axis=1)[:, None] * A_tile * LOG2E)
         if HAS_RESET:
             r0 = tl.sum(tl.load(reset_ptr + offs_t0 * s_r_l).to(tl.int32), axis=0)
             a0 = tl.where(r0 != 0, 0.0, a0)
-        tl.store(dh0_ptr + b * d * N + state_offs, a0 * G, mask=mdn)
+        dh_first = tl.load(carry_ptr[:, None] + (n_chunks % 2) * d * N + offs_n[None, :],
+                           mask=mdn, other=0.0)
+        tl.store(dh0_ptr + b * d * N + offs_d[:, None] * N + offs_n[None, :], a0 * dh_first,
+                 mask=mdn)
 
 
 def _tile_sizes(L: int) -> tuple[int, int, int]:
@@ -410,18 +414,19 @@ class SelectiveScanFn(torch.autograd.Function):
         dz = torch.empty((batch, d, L), device=u.device, dtype=z_dt) if z is not None else None
         dB = torch.zeros((batch, N, L), **f32)
         dC = torch.zeros((batch, N, L), **f32)
-        dA = torch.empty((batch, d, N), **f32)
+        dA = torch.empty((batch, n_chunks, d, N), **f32)
         dD = torch.empty((batch, d), **f32)
         dbias = torch.empty((batch, d), **f32)
         dh0 = torch.empty((batch, d, N), **f32) if ctx.has_h0 else None
+        carry = torch.zeros((batch, 2, d, N), **f32)
         if dlast is not None:
-            dlast = dlast.float().contiguous()
+            carry[:, 0] = dlast
         dummy = A
         _scan_bwd_kernel[(triton.cdiv(d, block_d), batch)](
             u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy,
             reset_u8 if reset_u8 is not None else dummy, ckpt,
-            dout, dlast if dlast is not None else dummy,
+            dout, carry,
             du, ddt, dA, dB, dC, dD, dz if dz is not None else dummy, dbias,
             dh0 if dh0 is not None else dummy,
             d, L, N, n_chunks,
@@ -429,11 +434,11 @@ class SelectiveScanFn(torch.autograd.Function):
             *dout.stride(), *(reset_u8.stride() if reset_u8 is not None else (0, 0)),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=ctx.delta_softplus, HAS_RESET=reset_u8 is not None,
-            HAS_DLAST=dlast is not None, NEED_DH0=ctx.has_h0,
+            NEED_DH0=ctx.has_h0,
             BLOCK_D=block_d, BLOCK_T=chunk, BLOCK_N=triton.next_power_of_2(N), num_warps=warps,
         )
         return (
-            du, ddt, dA.sum(0), dB.to(B_dt), dC.to(C_dt),
+            du, ddt, dA.sum((0, 1)), dB.to(B_dt), dC.to(C_dt),
             dD.sum(0) if D is not None else None,
             dz,
             dbias.sum(0) if delta_bias is not None else None,
