@@ -42,3 +42,19 @@ def causal_conv1d_fn(x, weight, bias=None, initial_state=None, reset=None, activ
 
     return fn(x, weight, bias, initial_state=initial_state, reset=reset, activation=activation,
               return_final_state=return_final_state)
+
+
+def selective_state_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                         delta_softplus=False):
+    """One-token scan step (no gradient), same semantics as the reference's."""
+    from mamba_ft.kernels.decode_steps import selective_state_step as fn
+
+    return fn(state, u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+              delta_softplus=delta_softplus)
+
+
+def causal_conv1d_step(x, conv_state, weight, bias=None, activation="silu"):
+    """One-token conv step (no gradient), same semantics as the reference's."""
+    from mamba_ft.kernels.decode_steps import causal_conv1d_step as fn
+
+    return fn(x, conv_state, weight, bias, activation=activation)

@@ -48,6 +48,29 @@ def causal_conv1d(x, weight, bias=None, initial_state=None, reset=None, activati
                                    activation=activation, return_final_state=return_final_state)
 
 
-# One-token decoding is a handful of (batch, d, N) elementwise ops: the reference is the op.
-selective_state_step = reference.selective_state_step
-causal_conv1d_step = reference.causal_conv1d_step
+def _decode_kernel_applies(*tensors) -> bool:
+    # The one-token kernels are forward only: with a gradient to compute, the differentiable
+    # reference steps run instead.
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)
+    return use_fused(tensors[0]) and not needs_grad
+
+
+def selective_state_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                         delta_softplus=False):
+    """One decoding step of the scan; see `mamba_ft.reference.selective_state_step`."""
+    if _decode_kernel_applies(u, state, delta, A, B, C, D, z, delta_bias):
+        from mamba_ft.kernels import selective_state_step as step
+    else:
+        step = reference.selective_state_step
+    return step(state, u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                delta_softplus=delta_softplus)
+
+
+def causal_conv1d_step(x, conv_state, weight, bias=None, activation="silu"):
+    """One decoding step of the conv; see `mamba_ft.reference.causal_conv1d_step`."""
+    if _decode_kernel_applies(x, conv_state, weight, bias):
+        from mamba_ft.kernels import causal_conv1d_step as step
+    else:
+        step = reference.causal_conv1d_step
+    return step(x, conv_state, weight, bias, activation=activation)

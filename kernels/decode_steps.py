@@ -1,0 +1,131 @@
+"""One-token decoding steps in Triton: the conv window and the recurrent state advance by one.
+
+Semantics are exactly `mamba_ft.reference.causal_conv1d_step` and
+`mamba_ft.reference.selective_state_step` (nothing is updated in place; the new state comes
+back as a new tensor). Decoding one token is a handful of tiny elementwise ops per layer, so
+its cost is kernel launches: each step here is one launch where the reference issues about a
+dozen. Forward only: `mamba_ft.ops` uses these when no gradient is needed (generation,
+evaluation) and the differentiable reference otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _conv_step_kernel(
+    x_ptr, state_ptr, w_ptr, bias_ptr, y_ptr, new_state_ptr,
+    d, s_x_b, s_x_d, s_st_b, s_st_d, s_st_k,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # The window is [conv_state (WIDTH - 1 columns) | x]; y = sum(window * w) (+ bias, SiLU)
+    # and the new state is the window without its first column.
+    b = tl.program_id(1).to(tl.int64)
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_k = tl.arange(0, BLOCK_K)
+    md = offs_d < d
+    in_state = offs_k[None, :] < WIDTH - 1
+    window = tl.load(state_ptr + b * s_st_b + offs_d[:, None] * s_st_d + offs_k[None, :] * s_st_k,
+                     mask=md[:, None] & in_state, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + b * s_x_b + offs_d * s_x_d, mask=md, other=0.0).to(tl.float32)
+    window = tl.where(offs_k[None, :] == WIDTH - 1, x[:, None], window)
+    w = tl.load(w_ptr + offs_d[:, None] * WIDTH + offs_k[None, :],
+                mask=md[:, None] & (offs_k[None, :] < WIDTH), other=0.0).to(tl.float32)
+    y = tl.sum(window * w, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    if SILU:
+        y = y / (1.0 + tl.exp2(-y * LOG2E))
+    tl.store(y_ptr + b * d + offs_d, y.to(y_ptr.dtype.element_ty), mask=md)
+    # new_state[:, k] = window[:, k + 1]: store column j of the window at k = j - 1.
+    tl.store(new_state_ptr + (b * d + offs_d[:, None]) * (WIDTH - 1) + offs_k[None, :] - 1,
+             window.to(new_state_ptr.dtype.element_ty),
+             mask=md[:, None] & (offs_k[None, :] >= 1) & (offs_k[None, :] < WIDTH))
+
+
+@triton.jit
+def _state_step_kernel(
+    state_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, new_state_ptr,
+    d, N,
+    s_h_b, s_h_d, s_h_n, s_u_b, s_u_d, s_dt_b, s_dt_d, s_B_b, s_B_n, s_C_b, s_C_n,
+    s_z_b, s_z_d,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # new_state = exp(delta A) * state + delta u B;  y = new_state @ C (+ D u) (* silu(z)).
+    b = tl.program_id(1).to(tl.int64)
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    md = offs_d < d
+    mn = offs_n < N
+    mdn = md[:, None] & mn[None, :]
+    u = tl.load(u_ptr + b * s_u_b + offs_d * s_u_d, mask=md, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + b * s_dt_b + offs_d * s_dt_d, mask=md, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    if SOFTPLUS:
+        # log(1 + e^x) without overflow, as in the scan kernel.
+        dt = tl.maximum(dt, 0.0) + LN2 * tl.log2(1.0 + tl.exp2(-tl.abs(dt) * LOG2E))
+    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mdn, other=0.0)
+    Bv = tl.load(B_ptr + b * s_B_b + offs_n * s_B_n, mask=mn, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + b * s_C_b + offs_n * s_C_n, mask=mn, other=0.0).to(tl.float32)
+    h = tl.load(state_ptr + b * s_h_b + offs_d[:, None] * s_h_d + offs_n[None, :] * s_h_n,
+                mask=mdn, other=0.0).to(tl.float32)
+    h = tl.exp2(dt[:, None] * A * LOG2E) * h + (dt * u)[:, None] * Bv[None, :]
+    tl.store(new_state_ptr + (b * d + offs_d[:, None]) * N + offs_n[None, :], h, mask=mdn)
+    y = tl.sum(h * Cv[None, :], axis=1)
+    if HAS_D:
+        y += u * tl.load(D_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + b * s_z_b + offs_d * s_z_d, mask=md, other=0.0).to(tl.float32)
+        y = y * z / (1.0 + tl.exp2(-z * LOG2E))
+    tl.store(y_ptr + b * d + offs_d, y.to(y_ptr.dtype.element_ty), mask=md)
+
+
+_BLOCK_D = 64
+
+
+def causal_conv1d_step(x, conv_state, weight, bias=None, activation="silu"):
+    """Drop-in for `mamba_ft.reference.causal_conv1d_step` (no gradient)."""
+    if activation not in ("silu", None):
+        raise ValueError(f"unsupported activation {activation!r}")
+    batch, d = x.shape
+    width = weight.shape[-1]
+    y = torch.empty((batch, d), device=x.device, dtype=x.dtype)
+    # The reference's window takes x's dtype, so its new state does too.
+    new_state = torch.empty((batch, d, width - 1), device=x.device, dtype=x.dtype)
+    weight = weight.reshape(d, width).contiguous()
+    _conv_step_kernel[(triton.cdiv(d, _BLOCK_D), batch)](
+        x, conv_state, weight, bias if bias is not None else weight, y, new_state,
+        d, *x.stride(), *conv_state.stride(),
+        WIDTH=width, HAS_BIAS=bias is not None, SILU=activation == "silu",
+        BLOCK_D=_BLOCK_D, BLOCK_K=triton.next_power_of_2(width),
+    )
+    return y, new_state
+
+
+def selective_state_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                         delta_softplus=False):
+    """Drop-in for `mamba_ft.reference.selective_state_step` (no gradient)."""
+    batch, d = u.shape
+    N = A.shape[1]
+    A = A.float().contiguous()
+    y = torch.empty((batch, d), device=u.device, dtype=u.dtype)
+    new_state = torch.empty((batch, d, N), device=u.device, dtype=torch.float32)
+    dummy = A
+    _state_step_kernel[(triton.cdiv(d, _BLOCK_D), batch)](
+        state, u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy, y, new_state,
+        d, N, *state.stride(), *u.stride(), *delta.stride(), *B.stride(), *C.stride(),
+        *(z.stride() if z is not None else (0, 0)),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus), BLOCK_D=_BLOCK_D, BLOCK_N=triton.next_power_of_2(N),
+    )
+    return y, new_state
