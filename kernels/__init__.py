@@ -58,3 +58,10 @@ def causal_conv1d_step(x, conv_state, weight, bias=None, activation="silu"):
     from mamba_ft.kernels.decode_steps import causal_conv1d_step as fn
 
     return fn(x, conv_state, weight, bias, activation=activation)
+
+
+def rms_norm_fn(x, weight, eps):
+    """RMSNorm over the last axis, same semantics as `mamba_ft.reference.rms_norm`."""
+    from mamba_ft.kernels.rms_norm import rms_norm_fn as fn
+
+    return fn(x, weight, eps)

@@ -48,6 +48,15 @@ def causal_conv1d(x, weight, bias=None, initial_state=None, reset=None, activati
                                    activation=activation, return_final_state=return_final_state)
 
 
+def rms_norm(x, weight, eps):
+    """RMSNorm over the last axis; see `mamba_ft.reference.rms_norm`."""
+    if use_fused(x):
+        from mamba_ft.kernels import rms_norm_fn
+
+        return rms_norm_fn(x, weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
 def _decode_kernel_applies(*tensors) -> bool:
     # The one-token kernels are forward only: with a gradient to compute, the differentiable
     # reference steps run instead.

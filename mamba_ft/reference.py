@@ -259,3 +259,12 @@ def causal_conv1d_step(
     elif activation is not None:
         raise ValueError(f"unsupported activation {activation!r}")
     return y, window[..., 1:]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' MambaRMSNorm: fp32 statistics, normalised input cast back, then weight."""
+    input_dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(input_dtype)

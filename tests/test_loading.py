@@ -143,3 +143,27 @@ def test_cli_debug_shows_traceback(tmp_path):
 def test_cli_info_on_a_good_directory(tiny_mamba_config, tmp_path, word_tokenizer_factory):
     save_hf_dir(tiny_mamba_config, tmp_path, word_tokenizer_factory)
     assert main(["info", str(tmp_path)]) == 0
+
+
+def test_loaded_models_carry_the_swapped_norms_with_unchanged_state_dict():
+    """load_model swaps every MambaRMSNorm (blocks and norm_f) keeping the same weight
+    parameters: state_dict keys equal plain transformers', and so do the logits (CPU, fp32;
+    1e-5: the mixers sum in another order than transformers' slow path)."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from mamba_ft.models import load_model
+    from transformers.models.mamba.modeling_mamba import MambaRMSNorm
+
+    from mamba_ft.models.swap import MambaFTRMSNorm
+
+    cfg = dict(model_type="mamba", vocab_size=64, hidden_size=16, state_size=4,
+               num_hidden_layers=2, expand=2, conv_kernel=4)
+    model = load_model(dict(cfg), need_tokenizer=False, seed=0).model
+    plain = MambaForCausalLM(MambaConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
+    plain.load_state_dict(model.state_dict())
+    norms = [m for m in model.modules() if isinstance(m, MambaFTRMSNorm)]
+    assert len(norms) == 3 and not any(isinstance(m, MambaRMSNorm) for m in model.modules())
+    assert list(model.state_dict()) == list(plain.state_dict())
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,8 @@
 - a config alone: a .json / .yaml file, a dict or a `PretrainedConfig` (random init);
 - `bundled:NAME` for the tiny models shipped inside the package;
 - a hub id, when a network exists.
-Every Mamba model comes back with its mixers swapped for mamba-ft's (`swap_mixers`).
+Every Mamba model comes back with its mixers and RMSNorms swapped for mamba-ft's
+(`swap_mixers`, `swap_norms`).
 Nothing here runs code from the user's files: safetensors, `torch.load(weights_only=True)`,
 `yaml.safe_load`, and `trust_remote_code` only when the caller passes it.
 """
@@ -34,7 +35,7 @@ from transformers import (
 
 from mamba_ft.errors import UserError
 from mamba_ft.models.mamba_ssm_format import is_mamba_ssm_config, load_mamba_ssm_dir
-from mamba_ft.models.swap import swap_mixers
+from mamba_ft.models.swap import swap_mixers, swap_norms
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "bundled"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -239,6 +240,7 @@ def load_model(
         tok = load_tokenizer(tokenizer_from, str(tokenizer_from), trust_remote_code)
     if is_mamba:
         swap_mixers(model)
+        swap_norms(model)
     return LoadedModel(model=model, tokenizer=tok, is_mamba=is_mamba, source=where)
 
 

@@ -1,4 +1,4 @@
-"""Replace transformers' MambaMixer modules by mamba-ft's mixer, in place."""
+"""Replace transformers' MambaMixer and MambaRMSNorm modules by mamba-ft's, in place."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers.models.mamba.modeling_mamba import MambaMixer
+from transformers.models.mamba.modeling_mamba import MambaMixer, MambaRMSNorm
 
+from mamba_ft import ops
 from mamba_ft.mixer import MambaFTMixer
 
 
@@ -22,6 +23,33 @@ def swap_mixers(model: nn.Module) -> int:
         for name, child in list(module.named_children()):
             if isinstance(child, MambaMixer):
                 setattr(module, name, MambaFTMixer(child))
+                swapped += 1
+    return swapped
+
+
+class MambaFTRMSNorm(nn.Module):
+    """transformers' MambaRMSNorm (same `weight` parameter object), through `mamba_ft.ops`:
+    one fused Triton kernel each way on CUDA, the same formula elsewhere."""
+
+    def __init__(self, hf_norm: nn.Module):
+        super().__init__()
+        self.weight = hf_norm.weight
+        self.variance_epsilon = hf_norm.variance_epsilon
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def swap_norms(model: nn.Module) -> int:
+    """Swap every transformers MambaRMSNorm for a MambaFTRMSNorm holding the same weight."""
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, MambaRMSNorm):
+                setattr(module, name, MambaFTRMSNorm(child))
                 swapped += 1
     return swapped
 
