@@ -1,7 +1,10 @@
-"""Where a training step's GPU time goes: CUDA kernel time by kernel and by kind.
+"""Where a training step's time goes: GPU time by kernel and by kind, and the host's share.
 
 Profiles the step of benchmarks/train_throughput.py (same model shapes, loss and optimizer)
-with torch.profiler and sums device time per kernel name over the profiled steps.
+with torch.profiler and sums device time per kernel name over the profiled steps. It also
+reports the wall time of a step (timed without the profiler) and the host (CPU) time the
+step's ops take, with the ops that take most: when the host time exceeds the GPU time, the
+GPU waits for launches and the step is host-bound.
 
     python benchmarks/profile_step.py [--run 130m:full:8] [--run 1.4b:lora:2] [--out DIR]
 
@@ -14,6 +17,7 @@ import argparse
 import datetime
 import json
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -55,16 +59,24 @@ def profile_run(model, mode, batch, L, steps):
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) / steps * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
     per_kernel = defaultdict(lambda: [0.0, 0])
+    host_ops = defaultdict(float)
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             entry = per_kernel[ev.name]
             entry[0] += ev.device_time_total / 1e3 / steps  # ms per step
             entry[1] += 1
+        else:
+            host_ops[ev.name] += ev.self_cpu_time_total / 1e3 / steps
     total = sum(v[0] for v in per_kernel.values())
     kernels = sorted(({"name": k, "kind": kind_of(k), "ms_per_step": v[0],
                        "calls_per_step": v[1] / steps} for k, v in per_kernel.items()),
@@ -72,9 +84,11 @@ def profile_run(model, mode, batch, L, steps):
     kinds = defaultdict(float)
     for r in kernels:
         kinds[r["kind"]] += r["ms_per_step"]
-    return dict(model=model, mode=mode, batch=batch, L=L, steps=steps,
-                gpu_ms_per_step=total, kinds=dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
-                kernels=kernels)
+    host = sorted(host_ops.items(), key=lambda kv: -kv[1])
+    return dict(model=model, mode=mode, batch=batch, L=L, steps=steps, wall_ms_per_step=wall_ms,
+                gpu_ms_per_step=total, host_ms_per_step=sum(host_ops.values()),
+                kinds=dict(sorted(kinds.items(), key=lambda kv: -kv[1])), kernels=kernels,
+                host_ops=[dict(name=k, ms_per_step=v) for k, v in host[:40]])
 
 
 def main():
@@ -100,14 +114,19 @@ def main():
         torch.cuda.empty_cache()
         total = r["gpu_ms_per_step"]
         lines += [f"## {model} {mode}, batch {batch}: {total:.1f} ms of kernels per step", "",
+                  f"Wall time per step (no profiler): {r['wall_ms_per_step']:.1f} ms; host time "
+                  f"of the step's ops (profiled, which slows the host somewhat): "
+                  f"{r['host_ms_per_step']:.1f} ms.", "",
                   "| kind | ms per step | share |", "|---|---|---|"]
         lines += [f"| {k} | {v:.2f} | {v / total:.1%} |" for k, v in r["kinds"].items()]
         lines += ["", "| kernel | kind | calls | ms per step | share |", "|---|---|---|---|---|"]
         for k in r["kernels"][:args.top]:
             lines.append(f"| `{k['name'][:90]}` | {k['kind']} | {k['calls_per_step']:.0f} | "
                          f"{k['ms_per_step']:.2f} | {k['ms_per_step'] / total:.1%} |")
+        lines += ["", "| host op (self time) | ms per step |", "|---|---|"]
+        lines += [f"| `{h['name'][:80]}` | {h['ms_per_step']:.2f} |" for h in r["host_ops"][:12]]
         lines.append("")
-        print("\n".join(lines[-(args.top + 20):]), flush=True)
+        print("\n".join(lines[-(args.top + 40):]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile_step.json").write_text(json.dumps(dict(info=info, runs=results), indent=1))
     (args.out / "profile_step.md").write_text("\n".join(lines) + "\n")
