@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from benchmarks.train_throughput import make_step  # noqa: E402
+from benchmarks.train_throughput import make_step, seconds_per_step  # noqa: E402
 
 # Kernel name fragments -> kind, first match wins. Matmuls come from cuBLAS (nvjet, sm90_xmma,
 # cutlass, gemm); the scan and conv are mamba-ft's Triton kernels.
@@ -56,14 +55,7 @@ def kind_of(name: str) -> str:
 
 def profile_run(model, mode, batch, L, steps):
     step, _, _ = make_step(model, mode, "fused", batch, L)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - t0) / steps * 1e3
+    wall_ms = seconds_per_step(step, steps) * 1e3
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()

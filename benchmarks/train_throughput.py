@@ -97,14 +97,8 @@ def make_step(name, mode, path, batch, L):
     return step, trainable, losses
 
 
-def run(name, mode, path, batch, L, steps, warmup):
-    # The previous run's model can still be alive in a reference cycle (adapter hooks): free it
-    # before measuring this run's peak, or that peak includes it.
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    step, trainable, losses = make_step(name, mode, path, batch, L)
-
+def seconds_per_step(step, steps, warmup=3) -> float:
+    """Wall seconds per step after `warmup` untimed steps (the GPU drained around the timing)."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -112,7 +106,17 @@ def run(name, mode, path, batch, L, steps, warmup):
     for _ in range(steps):
         step()
     torch.cuda.synchronize()
-    secs = (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t0) / steps
+
+
+def run(name, mode, path, batch, L, steps, warmup):
+    # The previous run's model can still be alive in a reference cycle (adapter hooks): free it
+    # before measuring this run's peak, or that peak includes it.
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    step, trainable, losses = make_step(name, mode, path, batch, L)
+    secs = seconds_per_step(step, steps, warmup)
     peak = torch.cuda.max_memory_allocated() / 2**30
     os.environ["MAMBA_FT_OPS"] = "auto"
     return dict(model=name, mode=mode, ops=path, batch=batch, L=L, steps=steps,

@@ -12,19 +12,24 @@ from mamba_ft import ops
 from mamba_ft.mixer import MambaFTMixer
 
 
+def _swap(model: nn.Module, hf_class: type, replacement) -> int:
+    """Replace every child module of `hf_class` by `replacement(child)`; return how many."""
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, hf_class):
+                setattr(module, name, replacement(child))
+                swapped += 1
+    return swapped
+
+
 def swap_mixers(model: nn.Module) -> int:
     """Swap every transformers MambaMixer for a MambaFTMixer holding the same tensors.
 
     Returns how many were swapped. Parameter names and shapes do not change, so state dicts,
     optimizers built afterwards and `save_pretrained` behave as with plain transformers.
     """
-    swapped = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, MambaMixer):
-                setattr(module, name, MambaFTMixer(child))
-                swapped += 1
-    return swapped
+    return _swap(model, MambaMixer, MambaFTMixer)
 
 
 class MambaFTRMSNorm(nn.Module):
@@ -45,13 +50,7 @@ class MambaFTRMSNorm(nn.Module):
 
 def swap_norms(model: nn.Module) -> int:
     """Swap every transformers MambaRMSNorm for a MambaFTRMSNorm holding the same weight."""
-    swapped = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, MambaRMSNorm):
-                setattr(module, name, MambaFTRMSNorm(child))
-                swapped += 1
-    return swapped
+    return _swap(model, MambaRMSNorm, MambaFTRMSNorm)
 
 
 def mixers(model: nn.Module) -> list[MambaFTMixer]:
