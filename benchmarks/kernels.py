@@ -137,9 +137,8 @@ def sweep_tiles():
     inputs = scan_inputs(8, 1536, 2048, 16)
     default = scan_mod._tile_sizes
     # (chunk, BLOCK_D, warps): positions per tile, channels per program, warps per program.
-    for chunk, block_d, warps in [(256, 1, 1), (128, 1, 1), (512, 1, 1), (256, 2, 1),
-                                  (128, 2, 1), (256, 2, 2), (512, 2, 2), (128, 4, 4),
-                                  (256, 4, 4)]:
+    for chunk, block_d, warps in [(512, 1, 1), (256, 1, 1), (1024, 1, 1), (2048, 1, 1),
+                                  (1024, 1, 2), (512, 1, 2), (512, 2, 2)]:
         scan_mod._tile_sizes = lambda L, c=chunk, bd=block_d, w=warps: (c, bd, w)
         try:
             fwd = time_scan(scan_mod.selective_scan_fn, inputs, False, 100)
