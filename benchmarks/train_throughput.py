@@ -30,9 +30,9 @@ from pathlib import Path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
 import torch  # noqa: E402
-import torch.nn.functional as F
 import triton
 
+from mamba_ft.loss import next_token_loss_sum
 from mamba_ft.models import load_model, set_recompute_ssm
 
 MODELS = {
@@ -84,11 +84,11 @@ def make_step(name, mode, path, batch, L):
     losses = []
 
     def step():
-        # The loss as mamba-ft's training loop computes it (fp32 cross-entropy over the shifted
-        # logits), not transformers' `labels=` path, which keeps more of the logits alive.
+        # The loss as mamba-ft's training loop computes it (mamba_ft.loss: fp32 cross-entropy
+        # over the shifted logits, chunked), not transformers' `labels=` path.
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(input_ids=ids).logits
-        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+        loss = next_token_loss_sum(logits, ids, -100) / (ids.numel() - ids.shape[0])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

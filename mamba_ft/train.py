@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mamba_ft import data as data_lib
 from mamba_ft import distributed, precision
 from mamba_ft.errors import UserError
+from mamba_ft.loss import next_token_loss_sum
 from mamba_ft.recipe import Recipe, load_recipe
 
 # Sections whose change makes an output_dir hold "a different run".
@@ -464,8 +464,7 @@ def _forward_loss_sum(model, batch, accelerator, backward_scale: float | None = 
         # not prepared, so enter it here (nesting the same autocast changes nothing).
         with accelerator.autocast():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        loss_sum = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
-                                   ignore_index=data_lib.IGNORE, reduction="sum")
+        loss_sum = next_token_loss_sum(logits, labels, data_lib.IGNORE)
         if backward_scale is not None:
             accelerator.backward(loss_sum * backward_scale)
     return loss_sum
