@@ -32,7 +32,7 @@ class ModelSection(Section):
     init_seed: int | None = Field(None, description="seed for random init when source is a config")
     recompute_ssm: bool = Field(False, description="Mamba only: run each mixer's conv -> scan branch "
                                                    "again in the backward instead of storing it "
-                                                   "(Mamba-1.4B LoRA batch 2: peak 20.9 -> 17.8 GiB, 32% fewer tokens/s)")
+                                                   "(Mamba-1.4B LoRA batch 2: peak 20.1 -> 17.1 GiB, 8-32% fewer tokens/s)")
 
 
 class PrecisionSection(Section):
