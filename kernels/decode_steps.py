@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+# The scan kernels' numerics (softplus without overflow, exp2-based sigmoid), shared.
+from mamba_ft.kernels.selective_scan import LOG2E, _sigmoid, _softplus
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _conv_step_kernel(
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
     if SILU:
-        y = y / (1.0 + tl.exp2(-y * LOG2E))
+        y = y * _sigmoid(y)
     tl.store(y_ptr + b * d + offs_d, y.to(y_ptr.dtype.element_ty), mask=md)
     # new_state[:, k] = window[:, k + 1]: store column j of the window at k = j - 1.
     tl.store(new_state_ptr + (b * d + offs_d[:, None]) * (WIDTH - 1) + offs_k[None, :] - 1,
@@ -71,8 +71,7 @@ def _state_step_kernel(
     if HAS_BIAS:
         dt += tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
     if SOFTPLUS:
-        # log(1 + e^x) without overflow, as in the scan kernel.
-        dt = tl.maximum(dt, 0.0) + LN2 * tl.log2(1.0 + tl.exp2(-tl.abs(dt) * LOG2E))
+        dt = _softplus(dt)
     A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mdn, other=0.0)
     Bv = tl.load(B_ptr + b * s_B_b + offs_n * s_B_n, mask=mn, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + b * s_C_b + offs_n * s_C_n, mask=mn, other=0.0).to(tl.float32)
@@ -85,7 +84,7 @@ def _state_step_kernel(
         y += u * tl.load(D_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
     if HAS_Z:
         z = tl.load(z_ptr + b * s_z_b + offs_d * s_z_d, mask=md, other=0.0).to(tl.float32)
-        y = y * z / (1.0 + tl.exp2(-z * LOG2E))
+        y = y * z * _sigmoid(z)
     tl.store(y_ptr + b * d + offs_d, y.to(y_ptr.dtype.element_ty), mask=md)
 
 
