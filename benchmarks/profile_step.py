@@ -6,7 +6,9 @@ reports the wall time of a step (timed without the profiler) and the host (CPU) 
 step's ops take, with the ops that take most: when the host time exceeds the GPU time, the
 GPU waits for launches and the step is host-bound.
 
-    python benchmarks/profile_step.py [--run 130m:full:8] [--run 1.4b:lora:2] [--out DIR]
+    python benchmarks/profile_step.py [--run 130m:full:8] [--run 1.4b:lora:2:fused+bf16-frozen] [--out DIR]
+
+A run is model:mode:batch[:ops], ops as in train_throughput.py's table (default "fused").
 
 Writes profile_step.json and profile_step.md under --out.
 """
@@ -53,8 +55,8 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def profile_run(model, mode, batch, L, steps):
-    step, _, _ = make_step(model, mode, "fused", batch, L)
+def profile_run(model, mode, batch, ops, L, steps):
+    step, _, _ = make_step(model, mode, ops, batch, L)
     wall_ms = seconds_per_step(step, steps) * 1e3
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -77,7 +79,7 @@ def profile_run(model, mode, batch, L, steps):
     for r in kernels:
         kinds[r["kind"]] += r["ms_per_step"]
     host = sorted(host_ops.items(), key=lambda kv: -kv[1])
-    return dict(model=model, mode=mode, batch=batch, L=L, steps=steps, wall_ms_per_step=wall_ms,
+    return dict(model=model, mode=mode, batch=batch, ops=ops, L=L, steps=steps, wall_ms_per_step=wall_ms,
                 gpu_ms_per_step=total, host_ms_per_step=sum(host_ops.values()),
                 kinds=dict(sorted(kinds.items(), key=lambda kv: -kv[1])), kernels=kernels,
                 host_ops=[dict(name=k, ms_per_step=v) for k, v in host[:40]])
@@ -86,7 +88,7 @@ def profile_run(model, mode, batch, L, steps):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", action="append", default=None,
-                   help="model:mode:batch, e.g. 130m:full:8 (repeatable)")
+                   help="model:mode:batch[:ops], e.g. 130m:full:8 (repeatable)")
     p.add_argument("--L", type=int, default=2048)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=25)
@@ -100,12 +102,13 @@ def main():
     lines = [f"Device: {info['device']}; torch {info['torch']}, Triton {info['triton']}; "
              f"{info['date']}; bf16 autocast, AdamW, L={args.L}, random init.", ""]
     for spec in runs:
-        model, mode, batch = spec.split(":")
-        r = profile_run(model, mode, int(batch), args.L, args.steps)
+        model, mode, batch, *ops = spec.split(":")
+        ops = ops[0] if ops else "fused"
+        r = profile_run(model, mode, int(batch), ops, args.L, args.steps)
         results.append(r)
         torch.cuda.empty_cache()
         total = r["gpu_ms_per_step"]
-        lines += [f"## {model} {mode}, batch {batch}: {total:.1f} ms of kernels per step", "",
+        lines += [f"## {model} {mode} ({ops}), batch {batch}: {total:.1f} ms of kernels per step", "",
                   f"Wall time per step (no profiler): {r['wall_ms_per_step']:.1f} ms; host time "
                   f"of the step's ops (profiled, which slows the host somewhat): "
                   f"{r['host_ms_per_step']:.1f} ms.", "",

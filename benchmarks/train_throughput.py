@@ -6,8 +6,10 @@ forward + backward + AdamW under bf16 autocast at L 2048, on random token ids.
 
 Runs: full fine-tuning and LoRA on all targets (rank 8) through the fused kernels, with and
 without recomputing the SSM branch in the backward (`set_recompute_ssm`), LoRA with the frozen
-base weights stored in bf16 (`adapter.frozen_dtype: bfloat16`); the pure-PyTorch
-reference path (`MAMBA_FT_OPS=reference`) for Mamba-130m as a baseline.
+base weights stored in bf16 (`adapter.frozen_dtype: bfloat16`), and with the forward and
+backward replayed as one CUDA graph (`run.cuda_graphs`, mamba_ft.cuda_graph); the pure-PyTorch
+reference path (`MAMBA_FT_OPS=reference`) for Mamba-130m as a baseline. The ops column names
+the path and its options joined by "+".
 
     python benchmarks/train_throughput.py [--only 130m] [--no-reference] [--out DIR]
 
@@ -48,6 +50,10 @@ RUNS = [
     ("1.4b", "lora", "fused", 2),  # the batch of the paper-setting anchor in DESIGN.md
     ("1.4b", "lora", "fused+recompute", 2),
     ("1.4b", "lora", "fused+bf16-frozen", 2),  # adapter.frozen_dtype: bfloat16
+    ("130m", "full", "fused+graph", None),  # run.cuda_graphs
+    ("130m", "lora", "fused+graph", None),
+    ("1.4b", "lora", "fused+graph", 2),
+    ("1.4b", "lora", "fused+bf16-frozen+graph", 2),
     ("130m", "full", "reference", None),
 ]
 
@@ -65,15 +71,16 @@ def make_step(name, mode, path, batch, L):
 
     Shared with benchmarks/profile_step.py, so the profile is of exactly this step.
     """
-    os.environ["MAMBA_FT_OPS"] = "reference" if path == "reference" else "auto"
+    ops, *options = path.split("+")
+    os.environ["MAMBA_FT_OPS"] = ops if ops == "reference" else "auto"
     model = build(name).cuda().train()
-    if path == "fused+recompute":
+    if "recompute" in options:
         set_recompute_ssm(model, True)
     if mode == "lora":
         from mamba_ft.adapters import AdapterConfig, attach_adapters
 
         attach_adapters(model, AdapterConfig(targets=["all"], rank=8))
-    if path == "fused+bf16-frozen":
+    if "bf16-frozen" in options:
         from mamba_ft.precision import store_frozen_in
 
         store_frozen_in(model, torch.bfloat16)
@@ -81,18 +88,31 @@ def make_step(name, mode, path, batch, L):
     trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     ids = torch.randint(0, 50280, (batch, L), device="cuda")
+    n_targets = ids.numel() - ids.shape[0]
     losses = []
 
-    def step():
+    def micro_step(batch, scale):
         # The loss as mamba-ft's training loop computes it (mamba_ft.loss: fp32 cross-entropy
         # over the shifted logits, chunked), not transformers' `labels=` path.
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(input_ids=ids).logits
-        loss = next_token_loss_sum(logits, ids, -100) / (ids.numel() - ids.shape[0])
-        loss.backward()
+            logits = model(input_ids=batch["input_ids"]).logits
+        loss_sum = next_token_loss_sum(logits, batch["input_ids"], -100)
+        (loss_sum * scale).backward()
+        return loss_sum
+
+    if "graph" in options:
+        from mamba_ft.cuda_graph import GraphedMicroStep
+
+        run_micro_step = GraphedMicroStep(micro_step, params, ids.device)
+    else:
+        run_micro_step = micro_step
+
+    def step():
+        loss_sum = run_micro_step({"input_ids": ids}, 1.0 / n_targets)
         opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        # In place: a graphed step accumulates into the gradient tensors it was captured with.
+        opt.zero_grad(set_to_none="graph" not in options)
+        losses.append(loss_sum.item() / n_targets)
 
     return step, trainable, losses
 

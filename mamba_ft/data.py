@@ -198,11 +198,16 @@ def pack(dataset, max_length: int):
     return datasets.Dataset.from_dict(rows)
 
 
-def collate(columns: dict[str, list], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(columns: dict[str, list], pad_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad examples (as `dataset[indices]` gives them: a dict of columns) into a batch;
-    pads are masked and never targets."""
+    pads are masked and never targets. `length`: pad to it (fixed shapes) instead of to the
+    longest example."""
     examples = [dict(zip(columns, values)) for values in zip(*columns.values())]
-    length = max(len(e["input_ids"]) for e in examples)
+    longest = max(len(e["input_ids"]) for e in examples)
+    if length is not None and longest > length:
+        raise UserError(f"An example has {longest} tokens, more than the fixed batch length {length} "
+                        f"(data.max_length); truncate the data to data.max_length tokens.")
+    length = length or longest
     batch = {
         "input_ids": torch.full((len(examples), length), pad_id, dtype=torch.long),
         "labels": torch.full((len(examples), length), IGNORE, dtype=torch.long),

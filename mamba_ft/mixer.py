@@ -134,9 +134,11 @@ class MambaFTMixer(nn.Module):
         if self.recompute_ssm and cache_params is None and torch.is_grad_enabled():
             # Keep only xz for the backward and run conv -> x_proj -> dt_proj -> scan again
             # there: saves the conv output, delta, B, C and the scan's checkpoints of every
-            # layer for one more forward of that branch.
+            # layer for one more forward of that branch. The branch draws no random numbers
+            # (adapter dropout acts outside it), so no RNG state is saved for the recompute,
+            # which also keeps it free of host synchronisation (CUDA graphs, run.cuda_graphs).
             y = checkpoint(self._ssm_branch, x, z, w, A, None, None, attention_mask,
-                           use_reentrant=False)
+                           use_reentrant=False, preserve_rng_state=False)
         else:
             y = self._ssm_branch(x, z, w, A, conv_state, ssm_state, attention_mask, cache_params)
         return channels_first_to_rows(y, w.out_proj_weight, w.out_proj_bias, w.out_proj_lora)

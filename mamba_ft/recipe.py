@@ -103,6 +103,8 @@ class RunSection(Section):
     overwrite: bool = False
     save_final: bool = True
     merge_at_end: bool = False
+    cuda_graphs: bool = Field(False, description="replay each micro-step as one CUDA graph (one GPU; "
+                                                  "micro-batches padded to data.max_length)")
 
     @model_validator(mode="after")
     def _length(self):
@@ -158,6 +160,15 @@ class Recipe(Section):
                 f"{self.adapter.frozen_dtype}, losing their precision; set run.merge_at_end: false "
                 f"and merge afterwards with `mamba-ft merge OUTPUT_DIR/adapter --out DIR`, which "
                 f"loads the base at full precision")
+        return self
+
+    @model_validator(mode="after")
+    def _graphs_need_fixed_scale(self):
+        if self.run.cuda_graphs and self.precision.mode == "fp16":
+            raise ValueError(
+                "run.cuda_graphs does not run with precision.mode fp16 (its loss scaler decides on "
+                "the host, step by step, whether to skip an update); use precision.mode: bf16, or "
+                "set run.cuda_graphs: false")
         return self
 
     def to_yaml(self) -> str:

@@ -98,6 +98,7 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, train_dataset=None, eva
             kwargs_handlers=[GradScalerKwargs(init_scale=recipe.precision.fp16_init_scale)],
         )
     _check_distributed(accelerator)
+    _check_cuda_graphs(recipe, accelerator)
     precision.set_tf32(recipe.precision.tf32)
     out = Path(run.output_dir)
     resume_from = _check_output_dir(recipe, out, accelerator)
@@ -167,6 +168,10 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, train_dataset=None, eva
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe.schedule, total_steps))
     if fsdp2 is None:
         model, optimizer = accelerator.prepare(model, optimizer)
+        # Preparing wraps the forward in autocast and casts its outputs to fp32: a full fp32
+        # copy of the logits, which the loss (mamba_ft.loss) avoids making. The autocast is
+        # entered around every forward below, so the wrapper is dropped.
+        accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     else:  # already sharded; Accelerate must not wrap it in DDP
         optimizer = accelerator.prepare(optimizer)
     # The scheduler is not prepared: it steps once per optimizer step, whatever the process count.
@@ -193,10 +198,19 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, train_dataset=None, eva
     initial_eval = evaluate() if resume_from is None else metrics.first_eval()
     progress = _progress(cfg_log, total_steps, step, accelerator)
     checked_adapter_grads = adapter_report is None or resume_from is not None
+    graphed, batch_length = None, None
+    if run.cuda_graphs:
+        from mamba_ft.cuda_graph import GraphedMicroStep
+
+        # Replayed micro-steps have fixed shapes: every micro-batch is padded to max_length.
+        graphed = GraphedMicroStep(
+            lambda batch, scale: _forward_loss_sum(model, batch, accelerator, backward_scale=scale),
+            trainable, accelerator.device)
+        batch_length = recipe.data.max_length
     model.train()
     while step < total_steps:
         started = time.perf_counter()
-        batches = [data_lib.collate(train_data[idx], pad_id)
+        batches = [data_lib.collate(train_data[idx], pad_id, batch_length)
                    for idx in _micro_batch_indices(step, run, steps_per_epoch, len(train_data),
                                                    world, accelerator.process_index)]
         # Loss normaliser: target tokens of the whole global batch (all accumulation steps and
@@ -211,7 +225,10 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, train_dataset=None, eva
         grad_norm = None
         for batch in batches:
             with accelerator.accumulate(model):
-                token_loss_sum = _forward_loss_sum(model, batch, accelerator, backward_scale=scale)
+                if graphed is not None:
+                    token_loss_sum = graphed(batch, scale)
+                else:
+                    token_loss_sum = _forward_loss_sum(model, batch, accelerator, backward_scale=scale)
                 loss_sum += token_loss_sum.detach()
                 if not checked_adapter_grads:
                     from mamba_ft.adapters import check_adapter_gradients
@@ -222,7 +239,8 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, train_dataset=None, eva
                     if recipe.optim.max_grad_norm is not None:
                         grad_norm = float(accelerator.clip_grad_norm_(trainable, recipe.optim.max_grad_norm))
                     optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    # The graph accumulates into the gradient tensors it was captured with.
+                    optimizer.zero_grad(set_to_none=graphed is None)
         step_loss = float(accelerator.reduce(loss_sum, "sum")) / max(n_global, 1)
         if not math.isfinite(step_loss):
             last = _latest_checkpoint(out)
@@ -253,6 +271,7 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, train_dataset=None, eva
                              accelerator, run.keep_last)
     if progress is not None:
         progress.close()
+    del graphed  # its memory pool (the step's activations) is freed with it
 
     # -- 5. final eval, save, plot, hooks ---------------------------------------------------------
     final_eval = evaluate()
@@ -299,6 +318,18 @@ def _check_distributed(accelerator) -> None:
         raise UserError(f"Accelerate's {accelerator.distributed_type.value} launch is not supported; "
                         f"use configs/accelerate/ddp.yaml or configs/accelerate/fsdp2.yaml "
                         f"(or no launcher on one device).")
+
+
+def _check_cuda_graphs(recipe: Recipe, accelerator) -> None:
+    if not recipe.run.cuda_graphs:
+        return
+    if accelerator.device.type != "cuda":
+        raise UserError("run.cuda_graphs needs a CUDA GPU and this run is on the CPU; set "
+                        "run.cuda_graphs: false.")
+    if accelerator.num_processes > 1:
+        raise UserError(f"run.cuda_graphs runs on one GPU and this launch has "
+                        f"{accelerator.num_processes} processes; launch without accelerate's "
+                        f"multi-process configs, or set run.cuda_graphs: false.")
 
 
 def _is_main() -> bool:
