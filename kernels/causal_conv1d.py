@@ -6,9 +6,11 @@ reset (batch, L) bool document starts (tap k of position t is used only if no do
 in (t - k, t]), optional SiLU.
 
 One program per (batch, tile of BLOCK_D channels, tile of BLOCK_L positions). The backward
-recomputes the pre-activation at t + k for each tap k instead of storing it (width is at most
-4, so that is a few extra reads that stay in cache), and writes dweight / dbias partials per
-program, summed on the host side: deterministic, no atomics.
+recomputes the pre-activation at t + k for each tap k instead of storing it: the input tile
+is loaded at the seven shifts t - 3 .. t + 3 once (cache hits after the first) and shared by
+the four taps, which are written once, for width 4, with zero weights past the real width.
+It writes dweight / dbias partials per program, summed on the host side: deterministic, no
+atomics.
 """
 
 from __future__ import annotations
@@ -98,40 +100,80 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _dpre(x_ptr, w_ptr, bias, h0_ptr, reset_ptr, dy_ptr, s_x_d, s_x_l, s_r_l, s_o_d, s_o_l,
-          offs_d, md, offs_s, L,
-          WIDTH: tl.constexpr, HAS_H0: tl.constexpr, HAS_RESET: tl.constexpr,
-          SILU: tl.constexpr):
-    """Gradient at the pre-activation for positions `offs_s` (0 outside [0, L))."""
-    m = md[:, None] & (offs_s >= 0)[None, :] & (offs_s < L)[None, :]
-    g = tl.load(dy_ptr + offs_d[:, None] * s_o_d + offs_s[None, :] * s_o_l, mask=m,
-                other=0.0).to(tl.float32)
-    if SILU:
-        pre = _pre_activation(x_ptr, w_ptr, bias, h0_ptr, reset_ptr, s_x_d, s_x_l, s_r_l,
-                              offs_d, md, offs_s, L, WIDTH, HAS_H0, HAS_RESET)
-        sig = 1.0 / (1.0 + tl.exp2(-pre * LOG2E))
-        g = g * sig * (1.0 + pre * (1.0 - sig))
-    return tl.where(m, g, 0.0)
+def _tap_weight(w_ptr, offs_d, md, k: tl.constexpr, WIDTH: tl.constexpr):
+    """The weight of tap k (applied to the input k positions back); 0 for k >= WIDTH, so the
+    backward below is written once, for width 4."""
+    if k < WIDTH:
+        return tl.load(w_ptr + offs_d * WIDTH + (WIDTH - 1 - k), mask=md, other=0.0).to(tl.float32)
+    return tl.zeros([offs_d.shape[0]], dtype=tl.float32)
 
 
 @triton.jit
-def _input_grad(x_ptr, w_ptr, bias, h0_ptr, reset_ptr, dy_ptr, s_x_d, s_x_l, s_r_l, s_o_d,
-                s_o_l, offs_d, md, offs_p, L,
-                WIDTH: tl.constexpr, HAS_H0: tl.constexpr, HAS_RESET: tl.constexpr,
-                SILU: tl.constexpr):
-    """d(input) at positions `offs_p` (negative ones are initial-state slots)."""
-    dx = tl.zeros([offs_d.shape[0], offs_p.shape[0]], dtype=tl.float32)
-    valid = offs_p >= -2 * WIDTH  # all true
-    for k in tl.static_range(WIDTH):
-        # Position p feeds tap k of s = p + k, unless a document starts in (p, p + k].
-        if HAS_RESET:
-            if k > 0:
-                valid = valid & _no_start(reset_ptr, s_r_l, offs_p + k, L)
-        w = tl.load(w_ptr + offs_d * WIDTH + (WIDTH - 1 - k), mask=md, other=0.0).to(tl.float32)
-        g = _dpre(x_ptr, w_ptr, bias, h0_ptr, reset_ptr, dy_ptr, s_x_d, s_x_l, s_r_l, s_o_d,
-                  s_o_l, offs_d, md, offs_p + k, L, WIDTH, HAS_H0, HAS_RESET, SILU)
-        dx += tl.where(valid[None, :], g * w[:, None], 0.0)
-    return dx
+def _taps_valid(reset_ptr, s_r_l, s, L, HAS_RESET: tl.constexpr):
+    """For positions s: whether taps 1, 2 and 3 are used (no document starts in (s - k, s]),
+    as 0/1 factors [1, len(s)]."""
+    if HAS_RESET:
+        v1 = _no_start(reset_ptr, s_r_l, s, L).to(tl.float32)[None, :]
+        v2 = v1 * _no_start(reset_ptr, s_r_l, s - 1, L).to(tl.float32)[None, :]
+        v3 = v2 * _no_start(reset_ptr, s_r_l, s - 2, L).to(tl.float32)[None, :]
+        return v1, v2, v3
+    one = tl.full([1, s.shape[0]], 1.0, dtype=tl.float32)
+    return one, one, one
+
+
+@triton.jit
+def _dpre_at(dy_ptr, s_o_d, s_o_l, offs_d, md, s, L, x0, x1, x2, x3, w0, w1, w2, w3,
+             v1, v2, v3, bias, SILU: tl.constexpr):
+    """Gradient at the pre-activation of positions s (0 outside [0, L)), from the inputs at
+    s, s - 1, s - 2, s - 3 (x0..x3) and the taps' validity there."""
+    m = md[:, None] & (s >= 0)[None, :] & (s < L)[None, :]
+    g = tl.load(dy_ptr + offs_d[:, None] * s_o_d + s[None, :] * s_o_l, mask=m,
+                other=0.0).to(tl.float32)
+    if SILU:
+        pre = (bias[:, None] + w0[:, None] * x0 + v1 * (w1[:, None] * x1)
+               + v2 * (w2[:, None] * x2) + v3 * (w3[:, None] * x3))
+        sig = 1.0 / (1.0 + tl.exp2(-pre * LOG2E))
+        g = g * sig * (1.0 + pre * (1.0 - sig))
+    return g
+
+
+@triton.jit
+def _local_grads(x_ptr, w_ptr, bias, h0_ptr, reset_ptr, dy_ptr, s_x_d, s_x_l, s_r_l, s_o_d,
+                 s_o_l, offs_d, md, p, L, WIDTH: tl.constexpr, HAS_H0: tl.constexpr,
+                 HAS_RESET: tl.constexpr, SILU: tl.constexpr):
+    """d(input) at positions p, and what the weight gradient needs there.
+
+    Input p feeds tap k of output p + k, so d(input)_p = sum_k valid_k(p + k) w_k dpre_{p+k}.
+    The four dpre tiles need the inputs at p - 3 .. p + 3: seven shifted loads (cache hits
+    after the first), each used by every tap that reads it. Returns dx, dpre at p and the
+    inputs at p, p - 1, p - 2, p - 3 with the taps' validity at p.
+    """
+    w0 = _tap_weight(w_ptr, offs_d, md, 0, WIDTH)
+    w1 = _tap_weight(w_ptr, offs_d, md, 1, WIDTH)
+    w2 = _tap_weight(w_ptr, offs_d, md, 2, WIDTH)
+    w3 = _tap_weight(w_ptr, offs_d, md, 3, WIDTH)
+    xm3 = _tap_input(x_ptr, h0_ptr, s_x_d, s_x_l, offs_d, md, p - 3, L, WIDTH, HAS_H0)
+    xm2 = _tap_input(x_ptr, h0_ptr, s_x_d, s_x_l, offs_d, md, p - 2, L, WIDTH, HAS_H0)
+    xm1 = _tap_input(x_ptr, h0_ptr, s_x_d, s_x_l, offs_d, md, p - 1, L, WIDTH, HAS_H0)
+    x0 = _tap_input(x_ptr, h0_ptr, s_x_d, s_x_l, offs_d, md, p, L, WIDTH, HAS_H0)
+    xp1 = _tap_input(x_ptr, h0_ptr, s_x_d, s_x_l, offs_d, md, p + 1, L, WIDTH, HAS_H0)
+    xp2 = _tap_input(x_ptr, h0_ptr, s_x_d, s_x_l, offs_d, md, p + 2, L, WIDTH, HAS_H0)
+    xp3 = _tap_input(x_ptr, h0_ptr, s_x_d, s_x_l, offs_d, md, p + 3, L, WIDTH, HAS_H0)
+    a1, a2, a3 = _taps_valid(reset_ptr, s_r_l, p, L, HAS_RESET)
+    b1, b2, b3 = _taps_valid(reset_ptr, s_r_l, p + 1, L, HAS_RESET)
+    c1, c2, c3 = _taps_valid(reset_ptr, s_r_l, p + 2, L, HAS_RESET)
+    e1, e2, e3 = _taps_valid(reset_ptr, s_r_l, p + 3, L, HAS_RESET)
+    g0 = _dpre_at(dy_ptr, s_o_d, s_o_l, offs_d, md, p, L, x0, xm1, xm2, xm3,
+                  w0, w1, w2, w3, a1, a2, a3, bias, SILU)
+    g1 = _dpre_at(dy_ptr, s_o_d, s_o_l, offs_d, md, p + 1, L, xp1, x0, xm1, xm2,
+                  w0, w1, w2, w3, b1, b2, b3, bias, SILU)
+    g2 = _dpre_at(dy_ptr, s_o_d, s_o_l, offs_d, md, p + 2, L, xp2, xp1, x0, xm1,
+                  w0, w1, w2, w3, c1, c2, c3, bias, SILU)
+    g3 = _dpre_at(dy_ptr, s_o_d, s_o_l, offs_d, md, p + 3, L, xp3, xp2, xp1, x0,
+                  w0, w1, w2, w3, e1, e2, e3, bias, SILU)
+    dx = (w0[:, None] * g0 + b1 * (w1[:, None] * g1) + c2 * (w2[:, None] * g2)
+          + e3 * (w3[:, None] * g3))
+    return dx, g0, x0, xm1 * a1, xm2 * a2, xm3 * a3
 
 
 @triton.jit
@@ -155,29 +197,29 @@ def _conv_bwd_kernel(
     dy_ptr += b * s_o_b
     reset_ptr += b * s_r_b
     h0_ptr += b * d * (WIDTH - 1)
-    dx = _input_grad(x_ptr, w_ptr, bias, h0_ptr, reset_ptr, dy_ptr, s_x_d, s_x_l, s_r_l,
-                     s_o_d, s_o_l, offs_d, md, offs_t, L, WIDTH, HAS_H0, HAS_RESET, SILU)
+    dx, g, x0, x1, x2, x3 = _local_grads(x_ptr, w_ptr, bias, h0_ptr, reset_ptr, dy_ptr, s_x_d,
+                                         s_x_l, s_r_l, s_o_d, s_o_l, offs_d, md, offs_t, L,
+                                         WIDTH, HAS_H0, HAS_RESET, SILU)
     tl.store(dx_ptr + b * d * L + offs_d[:, None] * L + offs_t[None, :],
              dx.to(dx_ptr.dtype.element_ty), mask=md[:, None] & mt[None, :])
-    # Weight and bias gradients of this tile: tap k pairs dpre at t with the input at t - k.
-    g = _dpre(x_ptr, w_ptr, bias, h0_ptr, reset_ptr, dy_ptr, s_x_d, s_x_l, s_r_l, s_o_d, s_o_l,
-              offs_d, md, offs_t, L, WIDTH, HAS_H0, HAS_RESET, SILU)
+    # Weight and bias gradients of this tile: tap k pairs dpre at t with the (used) input at
+    # t - k; g is 0 past the end of the sequence.
     part = (b * n_ltiles + pid_l) * d + offs_d
     tl.store(dbias_ptr + part, tl.sum(g, axis=1), mask=md)
-    valid = offs_t >= -WIDTH
-    for k in tl.static_range(WIDTH):
-        if HAS_RESET:
-            if k > 0:
-                valid = valid & _no_start(reset_ptr, s_r_l, offs_t - k + 1, L)
-        v = _tap_input(x_ptr, h0_ptr, s_x_d, s_x_l, offs_d, md, offs_t - k, L, WIDTH, HAS_H0)
-        dwk = tl.sum(tl.where(valid[None, :], g * v, 0.0), axis=1)
-        tl.store(dw_ptr + part * WIDTH + (WIDTH - 1 - k), dwk, mask=md)
+    tl.store(dw_ptr + part * WIDTH + (WIDTH - 1), tl.sum(g * x0, axis=1), mask=md)
+    if WIDTH > 1:
+        tl.store(dw_ptr + part * WIDTH + (WIDTH - 2), tl.sum(g * x1, axis=1), mask=md)
+    if WIDTH > 2:
+        tl.store(dw_ptr + part * WIDTH + (WIDTH - 3), tl.sum(g * x2, axis=1), mask=md)
+    if WIDTH > 3:
+        tl.store(dw_ptr + part * WIDTH + (WIDTH - 4), tl.sum(g * x3, axis=1), mask=md)
     if NEED_DH0:
         if pid_l == 0:
+            # The initial state holds the inputs at positions -(WIDTH - 1) .. -1.
             offs_p = tl.arange(0, 4) - (WIDTH - 1)
-            dh0 = _input_grad(x_ptr, w_ptr, bias, h0_ptr, reset_ptr, dy_ptr, s_x_d, s_x_l,
-                              s_r_l, s_o_d, s_o_l, offs_d, md, offs_p, L, WIDTH, HAS_H0,
-                              HAS_RESET, SILU)
+            dh0, _, _, _, _, _ = _local_grads(x_ptr, w_ptr, bias, h0_ptr, reset_ptr, dy_ptr,
+                                              s_x_d, s_x_l, s_r_l, s_o_d, s_o_l, offs_d, md,
+                                              offs_p, L, WIDTH, HAS_H0, HAS_RESET, SILU)
             mp = md[:, None] & (offs_p < 0)[None, :]
             tl.store(dh0_ptr + b * d * (WIDTH - 1) + offs_d[:, None] * (WIDTH - 1)
                      + (offs_p + WIDTH - 1)[None, :], dh0, mask=mp)

@@ -62,7 +62,7 @@ def check(batch, d, L, width, dtype, tol, *, bias=True, h0=True, reset=False, si
 
 
 @in_process
-@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("width", [1, 2, 3, 4])
 @pytest.mark.parametrize("L", [1, 2, 150])  # 150: two 128-position tiles, not a multiple
 def test_conv_fp32_matches_reference(width, L):
     check(2, 5, L, width, torch.float32, FP32, reset=L > 2)
