@@ -11,7 +11,7 @@ backward replayed as one CUDA graph (`run.cuda_graphs`, mamba_ft.cuda_graph); th
 reference path (`MAMBA_FT_OPS=reference`) for Mamba-130m as a baseline. The ops column names
 the path and its options joined by "+".
 
-    python benchmarks/train_throughput.py [--only 130m] [--no-reference] [--out DIR]
+    python benchmarks/train_throughput.py [--only 130m] [--ops fused+graph ...] [--no-reference] [--out DIR]
 
 Writes train_throughput.json and train_throughput.md under --out.
 """
@@ -147,6 +147,7 @@ def run(name, mode, path, batch, L, steps, warmup):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=list(MODELS), default=None)
+    p.add_argument("--ops", nargs="+", default=None, help="run only the rows with these ops")
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--L", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10)
@@ -157,7 +158,8 @@ def main():
                 triton=triton.__version__, cuda=torch.version.cuda)
     rows = []
     for name, mode, path, batch in RUNS:
-        if (args.only and name != args.only) or (path == "reference" and args.no_reference):
+        if ((args.only and name != args.only) or (args.ops and path not in args.ops)
+                or (path == "reference" and args.no_reference)):
             continue
         batch = batch or MODELS[name]["batch"]
         # The reference path runs a Python loop over time: a couple of steps say enough.

@@ -225,7 +225,10 @@ def _conv_bwd_kernel(
                      + (offs_p + WIDTH - 1)[None, :], dh0, mask=mp)
 
 
-_BLOCK_D, _BLOCK_L = 16, 128
+# (channels, positions) per program. The backward holds eleven shifted tiles: smaller ones keep
+# more programs resident (H100, Mamba-1.4B shape (2, 4096, 2048): 8 x 128 took 0.104 ms,
+# 16 x 128 0.165 ms, the best and the former of the 18 shapes timed, docs/benchmarks.md).
+_FWD_BLOCK_D, _BWD_BLOCK_D, _BLOCK_L = 16, 8, 128
 
 
 class CausalConv1dFn(torch.autograd.Function):
@@ -238,7 +241,7 @@ class CausalConv1dFn(torch.autograd.Function):
             initial_state = initial_state.contiguous()
         reset_u8 = reset.to(torch.uint8) if reset is not None else None
         y = torch.empty_like(x)
-        grid = (triton.cdiv(L, _BLOCK_L), triton.cdiv(d, _BLOCK_D), batch)
+        grid = (triton.cdiv(L, _BLOCK_L), triton.cdiv(d, _FWD_BLOCK_D), batch)
         _conv_fwd_kernel[grid](
             x, weight, bias if bias is not None else weight,
             initial_state if initial_state is not None else weight,
@@ -246,7 +249,7 @@ class CausalConv1dFn(torch.autograd.Function):
             d, L, *x.stride(), *y.stride(),
             *(reset_u8.stride() if reset_u8 is not None else (0, 0)),
             WIDTH=width, HAS_BIAS=bias is not None, HAS_H0=initial_state is not None,
-            HAS_RESET=reset is not None, SILU=silu, BLOCK_D=_BLOCK_D, BLOCK_L=_BLOCK_L,
+            HAS_RESET=reset is not None, SILU=silu, BLOCK_D=_FWD_BLOCK_D, BLOCK_L=_BLOCK_L,
         )
         ctx.save_for_backward(x, weight, bias, initial_state, reset_u8)
         ctx.silu = silu
@@ -264,7 +267,7 @@ class CausalConv1dFn(torch.autograd.Function):
         dbias = torch.empty((batch, n_ltiles, d), **f32)
         need_dh0 = initial_state is not None and ctx.needs_input_grad[3]
         dh0 = torch.zeros((batch, d, width - 1), **f32) if need_dh0 else None
-        grid = (n_ltiles, triton.cdiv(d, _BLOCK_D), batch)
+        grid = (n_ltiles, triton.cdiv(d, _BWD_BLOCK_D), batch)
         _conv_bwd_kernel[grid](
             x, weight, bias if bias is not None else weight,
             initial_state if initial_state is not None else weight,
@@ -274,7 +277,7 @@ class CausalConv1dFn(torch.autograd.Function):
             *(reset_u8.stride() if reset_u8 is not None else (0, 0)),
             WIDTH=width, HAS_BIAS=bias is not None, HAS_H0=initial_state is not None,
             HAS_RESET=reset_u8 is not None, SILU=ctx.silu, NEED_DH0=need_dh0,
-            BLOCK_D=_BLOCK_D, BLOCK_L=_BLOCK_L,
+            BLOCK_D=_BWD_BLOCK_D, BLOCK_L=_BLOCK_L,
         )
         return (
             dx,
