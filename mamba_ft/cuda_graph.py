@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from mamba_ft.errors import UserError
+
 _WARMUP_RUNS = 3  # PyTorch's documentation warms up a few iterations before capture
 
 
@@ -94,5 +96,11 @@ class GraphedMicroStep:
                 elif p.grad is not None:
                     p.grad.zero_()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_loss = self.micro_step(self.static_batch, self.static_scale).detach()
+        try:
+            with torch.cuda.graph(self.graph):
+                self.static_loss = self.micro_step(self.static_batch, self.static_scale).detach()
+        except RuntimeError as exc:  # e.g. a model whose forward synchronises with the host
+            self.graph = None
+            raise UserError(f"The training micro-step could not be captured as a CUDA graph "
+                            f"({str(exc).splitlines()[0]}); this model's forward or backward waits "
+                            f"on the host somewhere. Set run.cuda_graphs: false.") from exc

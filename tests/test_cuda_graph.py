@@ -50,6 +50,16 @@ def test_cpu_run_is_refused_before_anything_is_written(tmp_path):
     assert not out.exists()
 
 
+def test_multi_process_launch_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    recipe = validate_recipe(recipe_dict(tmp_path, cuda_graphs=True))
+    two_gpus = SimpleNamespace(device=torch.device("cuda", 0), num_processes=2)
+    with pytest.raises(UserError, match="runs on one GPU and this launch has 2 processes"):
+        train_mod._check_cuda_graphs(recipe, two_gpus)
+    train_mod._check_cuda_graphs(recipe, SimpleNamespace(device=torch.device("cuda", 0), num_processes=1))
+
+
 def test_fixed_length_batches_pad_and_refuse_longer_rows():
     columns = {"input_ids": [[5, 6, 7], [8]], "labels": [[-100, 6, 7], [8]]}
     batch = data_lib.collate(columns, pad_id=0, length=6)
@@ -177,3 +187,26 @@ def test_unreached_parameters_keep_no_gradient():
           "starts": torch.zeros(1, 32, dtype=torch.bool, device="cuda")}, 1.0)
     assert unused.grad is None
     assert all(p.grad is not None for p in params[:-1])
+
+
+@pytest.mark.gpu
+def test_a_step_that_waits_on_the_host_is_a_user_error():
+    """A forward that synchronises with the host (here `.item()`) cannot be captured: the
+    user is told to turn run.cuda_graphs off, instead of a CUDA error."""
+    from mamba_ft.cuda_graph import GraphedMicroStep
+
+    model = _tiny_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    eager = _micro_step(model)
+
+    def waits_on_host(batch, scale):
+        loss = eager(batch, scale)
+        if loss.item() > 1e9:  # a data-dependent branch: a host synchronisation
+            loss = loss * 0
+        return loss
+
+    step = GraphedMicroStep(waits_on_host, params, torch.device("cuda"))
+    batch = {"input_ids": torch.randint(0, 272, (1, 32), device="cuda"),
+             "starts": torch.zeros(1, 32, dtype=torch.bool, device="cuda")}
+    with pytest.raises(UserError, match="could not be captured as a CUDA graph.*run.cuda_graphs: false"):
+        step(batch, 1.0)
