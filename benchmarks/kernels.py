@@ -1,6 +1,7 @@
 """Benchmark mamba-ft's Triton selective scan and causal conv1d on a CUDA GPU.
 
-Times forward and forward+backward (median of `triton.testing.do_bench`) at the shapes of
+Times forward and forward+backward (median of `triton.testing.do_bench`; for the conv, of
+`do_bench_cudagraph`, which leaves out the host's launch time) at the shapes of
 Mamba-130m (batch 8, d 1536) and Mamba-1.4B (batch 4, d 4096), L 2048, N 16, bf16 inputs with
 D, z, delta_bias and softplus, and reports effective GB/s from the issue's byte counts
 (about 10·d bytes per token forward, 28·d forward+backward). Compares, in the same run, with
@@ -31,7 +32,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).pa
 
 import torch  # noqa: E402
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from mamba_ft import reference
 from mamba_ft.kernels import causal_conv1d as conv_mod
@@ -172,6 +173,8 @@ def compiled_kernel_stats():
 
 
 def bench_conv():
+    # Timed as CUDA-graph replays: the conv's GPU time (tens of microseconds) is shorter than
+    # the host's time to launch it through autograd, which do_bench would measure instead.
     rows = []
     for batch, d, L, width in [(8, 1536, 2048, 4), (4, 4096, 2048, 4)]:
         x = torch.randn(batch, d, L, device="cuda", dtype=torch.bfloat16)
@@ -180,11 +183,11 @@ def bench_conv():
         for name, fn in (("mamba-ft triton", conv_mod.causal_conv1d_fn),
                          ("pytorch reference", reference.causal_conv1d)):
             with torch.no_grad():
-                fwd = do_bench(lambda: fn(x, w, b), warmup=25, rep=100, return_mode="median")
+                fwd = do_bench_cudagraph(lambda: fn(x, w, b), rep=100, return_mode="median")
             leaves = [t.detach().requires_grad_() for t in (x, w, b)]
             g = torch.randn_like(x)
-            fb = do_bench(lambda: torch.autograd.grad(fn(*leaves), leaves, g), warmup=25,
-                          rep=100, return_mode="median")
+            fb = do_bench_cudagraph(lambda: torch.autograd.grad(fn(*leaves), leaves, g), rep=100,
+                                    return_mode="median")
             # Fewest bytes: read x, write y (forward); + read x, dy, write dx (backward).
             rows.append(dict(kind="causal_conv1d", impl=name, batch=batch, d=d, L=L,
                              width=width, fwd_ms=fwd, fwd_bwd_ms=fb,

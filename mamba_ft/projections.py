@@ -105,7 +105,10 @@ def channels_first_to_rows(y, weight, bias=None, lora: LowRankPath | None = None
     if lora is not None:
         yd = y if lora.dropout is None else lora.dropout(y)
         h = channels_first(yd, lora.A)  # (batch, rank, L)
-        out = out + _ChannelsFirstToRows.apply(h, lora.B.to(dtype)) * lora.scale
+        # Accumulated by the GEMM into `out` (beta 1), with the scale folded into the small B:
+        # no separate multiply and add over the (batch, L, out) activations, either way.
+        B = (lora.B * lora.scale).to(dtype)
+        out = torch.baddbmm(out, h.mT, _broadcast(B.t(), y.shape[0]))
     return out
 
 

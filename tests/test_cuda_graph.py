@@ -129,8 +129,14 @@ def _micro_step(model):
 @pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recompute-ssm"])
 def test_graphed_micro_steps_accumulate_like_eager(recompute):
     """Three optimizer steps of two accumulated micro-batches each, graphed vs eager, from the
-    same weights: the same losses and parameters (rtol 1e-4: fp32 atomics' order only, no
-    bf16 rounding differs since the same kernels run on the same values)."""
+    same weights: the same losses and parameters.
+
+    Plain SGD, so a parameter moves by lr x its accumulated gradient: a graph that overwrote
+    instead of accumulating, or missed a micro-batch, would move it by a different amount.
+    (Adam would turn the scan backward's run-to-run noise, its fp32 atomic adds in another
+    order, into differences of up to lr for near-zero gradients.) That noise is all that
+    differs, about 1e-6 relative, hence rtol 1e-4.
+    """
     from mamba_ft.cuda_graph import GraphedMicroStep
 
     g = torch.Generator().manual_seed(0)
@@ -138,22 +144,25 @@ def test_graphed_micro_steps_accumulate_like_eager(recompute):
                 "starts": torch.rand(2, 96, generator=g) < 0.05} for _ in range(6)]
     eager_model = _tiny_model(adapter_dropout=0.0, recompute=recompute)
     graphed_model = copy.deepcopy(eager_model)
+    start = [p.detach().clone() for p in eager_model.parameters() if p.requires_grad]
     runs = {}
     for name, model in (("eager", eager_model), ("graphed", graphed_model)):
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-3)
+        opt = torch.optim.SGD(params, lr=0.5)
         step = _micro_step(model)
         if name == "graphed":
             step = GraphedMicroStep(step, params, torch.device("cuda"))
         losses = []
         for i, batch in enumerate(batches):
             batch = {k: v.cuda() for k, v in batch.items()}
-            losses.append(float(step(batch, 0.5 / batch["input_ids"].numel())))
+            losses.append(step(batch, 0.5 / batch["input_ids"].numel()).item())
             if i % 2 == 1:
                 opt.step()
                 opt.zero_grad(set_to_none=name == "eager")
         runs[name] = (losses, [p.detach().clone() for p in params])
     torch.testing.assert_close(runs["graphed"][0], runs["eager"][0], rtol=1e-4, atol=0)
+    moved = max((e - s).abs().max().item() for e, s in zip(runs["eager"][1], start))
+    assert moved > 1e-3  # the steps changed the weights, so the comparison means something
     for graphed_p, eager_p in zip(runs["graphed"][1], runs["eager"][1]):
         torch.testing.assert_close(graphed_p, eager_p, rtol=1e-4, atol=1e-6)
 
