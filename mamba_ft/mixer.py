@@ -135,8 +135,7 @@ class MambaFTMixer(nn.Module):
             # Keep only xz for the backward and run conv -> x_proj -> dt_proj -> scan again
             # there: saves the conv output, delta, B, C and the scan's checkpoints of every
             # layer for one more forward of that branch. The branch draws no random numbers
-            # (adapter dropout acts outside it), so no RNG state is saved for the recompute,
-            # which also keeps it free of host synchronisation (CUDA graphs, run.cuda_graphs).
+            # (adapter dropout acts outside it), so no RNG state needs saving for the recompute.
             y = checkpoint(self._ssm_branch, x, z, w, A, None, None, attention_mask,
                            use_reentrant=False, preserve_rng_state=False)
         else:

@@ -5,7 +5,8 @@
 3. optional resume from a checkpoint
 4. loop: for each optimizer step, fetch this process's micro-batches of the global batch,
    normalise the loss by the number of target tokens in the whole global batch (all
-   accumulation steps and all processes), backward, clip, step; log, eval, checkpoint
+   accumulation steps and all processes), backward (each micro-step eager, or replayed as a
+   CUDA graph with run.cuda_graphs), clip, step; log, eval, checkpoint
 5. save the adapter (or the model), metrics.jsonl, the loss curve, run evaluation hooks
 
 Data order is a function of (seed, epoch) alone and the position in it a function of the
