@@ -170,8 +170,9 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, train_dataset=None, eva
     if fsdp2 is None:
         model, optimizer = accelerator.prepare(model, optimizer)
         # Preparing wraps the forward in autocast and casts its outputs to fp32: a full fp32
-        # copy of the logits, which the loss (mamba_ft.loss) avoids making. The autocast is
-        # entered around every forward below, so the wrapper is dropped.
+        # copy of the logits (of the Transformer baselines; transformers' MambaForCausalLM
+        # returns fp32 logits itself), which the loss (mamba_ft.loss) avoids making. The
+        # autocast is entered around every forward below, so the wrapper is dropped.
         accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     else:  # already sharded; Accelerate must not wrap it in DDP
         optimizer = accelerator.prepare(optimizer)

@@ -331,3 +331,24 @@ def test_frozen_weights_kept_in_bf16_train_like_fp32_ones(tmp_path, monkeypatch)
         d = lora_recipe(tmp_path / "merge", frozen_dtype="bfloat16")
         d["run"]["merge_at_end"] = True
         validate_recipe(d)
+
+
+def test_logits_reach_the_loss_in_the_autocast_dtype(tmp_path, monkeypatch):
+    """Under bf16 the Transformer baseline's loss receives bf16 logits: Accelerate's prepare()
+    wraps the forward in a cast of its outputs to fp32, a full fp32 copy of the logits that
+    mamba_ft.loss exists to avoid, and the training loop drops that wrapper (it enters
+    autocast itself). (transformers' MambaForCausalLM casts its logits to fp32 in its own
+    forward, so a Mamba's loss sees fp32 either way.)"""
+    seen = []
+    real = train_mod.next_token_loss_sum
+
+    def record(logits, labels, ignore_index):
+        seen.append(logits.dtype)
+        return real(logits, labels, ignore_index)
+
+    monkeypatch.setattr(train_mod, "next_token_loss_sum", record)
+    d = recipe_dict(tmp_path, max_steps=1)
+    d["model"]["source"] = dict(TINY_NEOX)
+    d["precision"] = {"mode": "bf16"}
+    train_mod.train(validate_recipe(d))
+    assert seen and set(seen) == {torch.bfloat16}
