@@ -133,25 +133,29 @@ def bench_scan(mamba_ssm_fn):
 
 
 def sweep_tiles():
-    """Forward and fwd+bwd time of other scan tile shapes (Mamba-130m shape)."""
+    """Forward and fwd+bwd time of other scan tunings (Mamba-130m shape)."""
     rows = []
     inputs = scan_inputs(8, 1536, 2048, 16)
-    default = scan_mod._tile_sizes
-    # (chunk, BLOCK_D, warps): positions per tile, channels per program, warps per program.
-    for chunk, block_d, warps in [(512, 1, 1), (256, 1, 1), (1024, 1, 1), (2048, 1, 1),
-                                  (1024, 1, 2), (512, 1, 2), (512, 2, 2)]:
-        scan_mod._tile_sizes = lambda L, c=chunk, bd=block_d, w=warps: (c, bd, w)
+    names = ("MAX_CHUNK", "BWD_SPLIT", "BWD_MAXNREG")
+    default = {n: getattr(scan_mod, n) for n in names}
+    # (forward chunk, backward chunks per forward chunk, backward register cap); the first
+    # is the shipped tuning.
+    for chunk, split, maxnreg in [(512, 2, 128), (512, 2, 168), (512, 2, None), (512, 1, None),
+                                  (512, 1, 128), (256, 2, 128), (1024, 2, 128)]:
+        for n, v in zip(names, (chunk, split, maxnreg)):
+            setattr(scan_mod, n, v)
         try:
             fwd = time_scan(scan_mod.selective_scan_fn, inputs, False, 100)
             fb = time_scan(scan_mod.selective_scan_fn, inputs, True, 100)
         except Exception as exc:  # a config the compiler rejects is a result, not a crash
             fwd = fb = float("nan")
-            print("sweep failed", chunk, block_d, warps, type(exc).__name__, exc)
-        rows.append(dict(kind="tile_sweep", chunk=chunk, block_d=block_d, num_warps=warps,
-                         fwd_ms=fwd, fwd_bwd_ms=fb))
-        print(f"sweep chunk={chunk} block_d={block_d} warps={warps}: fwd {fwd:.3f} "
-              f"fwd+bwd {fb:.3f}", flush=True)
-    scan_mod._tile_sizes = default
+            print("sweep failed", chunk, split, maxnreg, type(exc).__name__, exc)
+        rows.append(dict(kind="tile_sweep", chunk=chunk, bwd_chunk=chunk // split,
+                         bwd_maxnreg=maxnreg, fwd_ms=fwd, fwd_bwd_ms=fb))
+        print(f"sweep chunk={chunk} bwd_chunk={chunk // split} maxnreg={maxnreg}: "
+              f"fwd {fwd:.3f} fwd+bwd {fb:.3f}", flush=True)
+    for n, v in default.items():
+        setattr(scan_mod, n, v)
     return rows
 
 
@@ -227,9 +231,10 @@ def markdown(info, rows):
                          f"{r['fwd_GBps']:.0f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_GBps']:.0f} |")
     sweep = [r for r in rows if r["kind"] == "tile_sweep"]
     if sweep:
-        lines += ["", "| chunk | BLOCK_D | warps | fwd ms | fwd+bwd ms |", "|---|---|---|---|---|"]
-        lines += [f"| {r['chunk']} | {r['block_d']} | {r['num_warps']} | {r['fwd_ms']:.3f} | "
-                  f"{r['fwd_bwd_ms']:.3f} |" for r in sweep]
+        lines += ["", "| forward chunk | backward chunk | backward register cap | fwd ms | "
+                  "fwd+bwd ms |", "|---|---|---|---|---|"]
+        lines += [f"| {r['chunk']} | {r['bwd_chunk']} | {r['bwd_maxnreg'] or 'none'} | "
+                  f"{r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} |" for r in sweep]
     agree = [r for r in rows if r["kind"] == "agreement"]
     if agree:
         lines += ["", "Forward agreement with mamba_ssm (bf16 outputs): " + "; ".join(
