@@ -21,27 +21,26 @@ Design (one program per (batch row, tile of BLOCK_D channels)):
   chunk's last position is written to the other by the lane holding it. (Keeping the states
   in a register tile instead costs two masked reductions per state and chunk; going through
   memory made the forward 27% faster.) With gradients, each state is also stored as it
-  enters each chunk and after the chunk's middle position; that checkpoint
-  (batch, 2 * n_chunks, d, N) is all the backward keeps besides the inputs: saved memory
-  O(batch * d * N * L / BLOCK_T).
-- The backward walks half chunks in reverse and, per state n, recomputes the half chunk's
-  states from its checkpoint, then runs the adjoint as a reverse scan dh_t = C_t dy_t +
-  a_{t+1} dh_{t+1} (the shifted decay a_{t+1} comes from delta loaded at t+1, not from
-  shifting registers) and uses a_t h_{t-1} = h_t - x_t, so no shifted state is needed either.
-  Its tile is [ROWS, K]: position row * K + col, K being the loads' 16-byte vector width, so
-  every thread holds whole rows. Both scans then run within rows in registers, and only one
-  value per row crosses lanes (`_scan_rows`); the reverse scan flips rows within threads
-  instead of using `reverse=True`, which Triton lowers with a lane-reversing shuffle of every
-  element (Triton's scan of a [1, BLOCK_T] tile made the old backward issue ~1,190
-  instructions per state and 512 positions, 414 of them shuffles; this one ~430 per 256).
-  Half chunks and a 128-register cap give four warps per scheduler instead of two, and each
-  state's inputs (B, C, A, checkpoint, carry) are loaded one iteration ahead: the backward is
-  latency-bound, not issue-bound (ncu: ~47% issue slots busy). The
-  per-state values go through small global buffers instead of register tiles: state n's
-  checkpoint is read from the forward's, its adjoint carry between half chunks lives in a
-  2-slot buffer (one block barrier per half chunk), and its dA is written per half chunk.
-  dB and dC (sums over channels) are added with relaxed fp32 atomics; dA, dD and
-  d(delta_bias) are written as partials and summed by torch (deterministic).
+  enters each of the backward's chunks; that checkpoint (batch, n_chunks, d, N) is all the
+  backward keeps besides the inputs: saved memory O(batch * d * N * L / BLOCK_T).
+- The backward walks the chunks (or their halves, BWD_SPLIT) in reverse and, per state n,
+  recomputes the chunk's states from its checkpoint, then runs the adjoint as a reverse scan
+  dh_t = C_t dy_t + a_{t+1} dh_{t+1} (the shifted decay a_{t+1} comes from delta loaded at
+  t+1, not from shifting registers) and uses a_t h_{t-1} = h_t - x_t, so no shifted state is
+  needed either. Its tile is [ROWS, K]: position row * K + col, K being the loads' 16-byte
+  vector width, so every thread holds whole rows. Both scans then run within rows in
+  registers, and only one value per row crosses lanes (`_scan_rows`); the reverse scan flips
+  rows within threads instead of using `reverse=True`, which Triton lowers with a
+  lane-reversing shuffle of every element (Triton 3.6 compiled the previous backward, a
+  `tl.associative_scan` over a [1, BLOCK_T] tile, to ~1,190 instructions per state and 512
+  positions, 414 of them shuffles; this one to ~800). The kernel is latency-bound, not
+  issue-bound (ncu: ~47% of issue slots busy), so each state's inputs (B, C, A, checkpoint,
+  carry) are loaded one iteration ahead. The per-state values go through small global
+  buffers instead of register tiles: state n's checkpoint is read from the forward's, its
+  adjoint carry between chunks lives in a 2-slot buffer (one block barrier per chunk), and
+  its dA is written per chunk. dB and dC (sums over channels) are added with relaxed fp32
+  atomics; dA, dD and d(delta_bias) are written as partials and summed by torch
+  (deterministic).
 """
 
 from __future__ import annotations
@@ -57,11 +56,11 @@ LN2 = tl.constexpr(0.6931471805599453)
 # Longest forward chunk (positions per tile). A sequence up to this length is one chunk;
 # longer ones carry state between chunks. Tests lower it to exercise the carries.
 MAX_CHUNK = 512
-# The backward walks chunks of MAX_CHUNK // BWD_SPLIT positions (1 or 2: the forward
-# checkpoints both halves of its chunks).
-BWD_SPLIT = 2
-# Register cap of the backward kernel (None: the compiler's choice, 183 at the default tile).
-BWD_MAXNREG = 128
+# The backward walks chunks of MAX_CHUNK // BWD_SPLIT positions (1 or 2: with 2 the forward
+# also checkpoints the state after each chunk's middle position).
+BWD_SPLIT = 1
+# Register cap of the backward kernel (None: the compiler's choice).
+BWD_MAXNREG = None
 
 
 @triton.jit
@@ -154,7 +153,7 @@ def _scan_fwd_kernel(
     s_r_b, s_r_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_RESET: tl.constexpr, HAS_H0: tl.constexpr,
-    STORE_CKPT: tl.constexpr, STORE_LAST: tl.constexpr,
+    STORE_CKPT: tl.constexpr, STORE_LAST: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b, offs_d, md, bias, Dv, u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, reset_ptr, y_ptr = _program_rows(
@@ -200,12 +199,14 @@ def _scan_fwd_kernel(
             h_in = tl.load(carry_ptr + (c % 2) * d * N + offs_d * N + n, mask=md, other=0.0)
             h = hS + aS * h_in[:, None]
             if STORE_CKPT:
-                # The backward walks half chunks: it needs the state entering each half, i.e.
-                # entering the chunk and after its middle position (from the lane holding it).
-                ckpt_at = ckpt_ptr + ((b * 2 * n_chunks + 2 * c) * d + offs_d) * N + n
+                # One checkpoint per backward chunk: the state entering the chunk and, when
+                # the backward walks half chunks, after its middle position too (from the
+                # lane holding it).
+                ckpt_at = ckpt_ptr + ((b * SPLIT * n_chunks + SPLIT * c) * d + offs_d) * N + n
                 tl.store(ckpt_at, h_in, mask=md)
-                tl.store(ckpt_at[:, None] + d * N + 0 * t_in_chunk[None, :], h,
-                         mask=md[:, None] & mid_column)
+                if SPLIT == 2:
+                    tl.store(ckpt_at[:, None] + d * N + 0 * t_in_chunk[None, :], h,
+                             mask=md[:, None] & mid_column)
             y += h * Cn
             # The state leaving the chunk, from the lane holding its last position. Past the
             # end of the sequence delta is 0 (a = 1, x = 0), so the last column holds the
@@ -294,10 +295,10 @@ def _scan_bwd_kernel(
     s_r_b, s_r_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_RESET: tl.constexpr, NEED_DH0: tl.constexpr,
-    ROWS: tl.constexpr, K: tl.constexpr, CKPT_STEP: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program per (channel, batch row), one warp, walking the backward's chunks (half the
-    # forward's by default: CKPT_STEP checkpoints per chunk) from last to first. A chunk is a
+    # One program per (channel, batch row), one warp, walking the backward's chunks (the
+    # forward's, or their halves: one checkpoint each) from last to first. A chunk is a
     # [ROWS, K] tile, position row * K + col, so that each thread holds whole rows
     # (see _scan_rows).
     # du, ddt, dz: contiguous (batch, d, L) in their inputs' dtypes (stored cast, so no
@@ -326,6 +327,7 @@ def _scan_bwd_kernel(
     dB_ptr += b * N * L
     dC_ptr += b * N * L
     grad_base = b * d * L + ch * L
+    # (n_ckpt can exceed n_chunks by one: a last forward chunk may end in its first half.)
     ckpt_ptr += b * n_ckpt * d * N + ch * N
     carry_ptr += b * 2 * d * N + ch * N
     dA_ptr += b * n_chunks * d * N + ch * N
@@ -364,7 +366,7 @@ def _scan_bwd_kernel(
         B_next = tl.load(B_ptr + offs * s_B_l, mask=m, other=0.0)
         C_next = tl.load(C_ptr + offs * s_C_l, mask=m, other=0.0)
         A_next = tl.load(A_ptr + ch * N)
-        h_in_next = tl.load(ckpt_ptr + c * CKPT_STEP * d * N)
+        h_in_next = tl.load(ckpt_ptr + c * d * N)
         g_in_next = tl.load(carry_ptr + (i % 2) * d * N)
         for n in range(N):
             Bn = B_next.to(tl.float32)
@@ -377,7 +379,7 @@ def _scan_bwd_kernel(
             B_next = tl.load(B_ptr + nxt * s_B_n + offs * s_B_l, mask=m, other=0.0)
             C_next = tl.load(C_ptr + nxt * s_C_n + offs * s_C_l, mask=m, other=0.0)
             A_next = tl.load(A_ptr + ch * N + nxt)
-            h_in_next = tl.load(ckpt_ptr + c * CKPT_STEP * d * N + nxt)
+            h_in_next = tl.load(ckpt_ptr + c * d * N + nxt)
             g_in_next = tl.load(carry_ptr + (i % 2) * d * N + nxt)
             A2 = A * LOG2E
             # Recompute this state's trajectory over the chunk from the checkpoint.
@@ -474,7 +476,7 @@ class SelectiveScanFn(torch.autograd.Function):
         reset_u8 = reset.to(torch.uint8) if reset is not None else None
         needs_grad = any(ctx.needs_input_grad)
         y = torch.empty_like(u)
-        ckpt = (u.new_empty((batch, 2 * n_chunks, d, N), dtype=torch.float32) if needs_grad
+        ckpt = (u.new_empty((batch, BWD_SPLIT * n_chunks, d, N), dtype=torch.float32) if needs_grad
                 else None)
         last = u.new_empty((batch, d, N), dtype=torch.float32) if return_last_state else None
         carry = u.new_empty((batch, 2, d, N), dtype=torch.float32)
@@ -491,7 +493,7 @@ class SelectiveScanFn(torch.autograd.Function):
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=bool(delta_softplus), HAS_RESET=reset is not None,
             HAS_H0=initial_state is not None, STORE_CKPT=needs_grad,
-            STORE_LAST=bool(return_last_state),
+            STORE_LAST=bool(return_last_state), SPLIT=BWD_SPLIT,
             BLOCK_D=1, BLOCK_T=chunk, BLOCK_N=triton.next_power_of_2(N), num_warps=1,
         )
         if needs_grad:
@@ -541,7 +543,7 @@ class SelectiveScanFn(torch.autograd.Function):
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=ctx.delta_softplus, HAS_RESET=reset_u8 is not None,
             NEED_DH0=ctx.has_h0,
-            ROWS=chunk // row, K=row, CKPT_STEP=2 // BWD_SPLIT,
+            ROWS=chunk // row, K=row,
             BLOCK_N=triton.next_power_of_2(N), num_warps=1,
             **({"maxnreg": BWD_MAXNREG} if BWD_MAXNREG else {}),
         )

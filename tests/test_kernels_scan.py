@@ -96,14 +96,17 @@ CPU_CASES = [
 ]
 
 
-@pytest.fixture(params=[32, None], ids=["chunk32", "default-chunk"])
+@pytest.fixture(params=[(32, 1), (32, 2), None],
+                ids=["chunk32", "chunk32-bwd-halves", "default-chunk"])
 def max_chunk(request, monkeypatch):
-    """Run with the kernel's longest chunk lowered to 32 positions (the backward's half chunks
-    of 16), and with the default."""
+    """Run with the kernel's longest chunk lowered to 32 positions (the backward walking whole
+    chunks, or halves from mid-chunk checkpoints), and with the defaults."""
     if request.param is not None:
         from mamba_ft.kernels import selective_scan as scan_module
 
-        monkeypatch.setattr(scan_module, "MAX_CHUNK", request.param)
+        chunk, split = request.param
+        monkeypatch.setattr(scan_module, "MAX_CHUNK", chunk)
+        monkeypatch.setattr(scan_module, "BWD_SPLIT", split)
     return request.param
 
 
@@ -140,6 +143,7 @@ def test_saved_state_is_per_chunk_not_per_position(monkeypatch):
     from mamba_ft.kernels import selective_scan as scan_module
 
     monkeypatch.setattr(scan_module, "MAX_CHUNK", 32)
+    monkeypatch.setattr(scan_module, "BWD_SPLIT", 2)
     batch, d, L, N = 1, 2, 130, 4
     inputs, _ = make_inputs(batch, d, L, N, h0=False)
     y = selective_scan_fn(**inputs, delta_softplus=True)
