@@ -188,15 +188,27 @@ def _scan_fwd_kernel(
         if HAS_RESET:
             starts = (tl.load(reset_ptr + offs_t * s_r_l, mask=mt, other=0) != 0)[None, :]
         y = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+        # B and C rows are loaded as full tiles (every channel row reads the same row): that
+        # keeps them in the tile's register layout instead of converting a vector. Each
+        # state's inputs are loaded one iteration ahead, as in the backward.
+        bc_offs = 0 * offs_d[:, None] + offs_t[None, :]
+        B_next = tl.load(B_ptr + bc_offs * s_B_l, mask=mdt, other=0.0)
+        C_next = tl.load(C_ptr + bc_offs * s_C_l, mask=mdt, other=0.0)
+        A_next = tl.load(A_ptr + offs_d * N, mask=md, other=0.0)
+        h_in_next = tl.load(carry_ptr + (c % 2) * d * N + offs_d * N, mask=md, other=0.0)
         for n in range(N):
-            A2 = tl.load(A_ptr + offs_d * N + n, mask=md, other=0.0) * LOG2E
-            # B and C rows are loaded as full tiles (every channel row reads the same row):
-            # that keeps them in the tile's register layout instead of converting a vector.
-            Bn = _load_tile(B_ptr + n * s_B_n, 0, s_B_l, offs_d, offs_t, mdt)
-            Cn = _load_tile(C_ptr + n * s_C_n, 0, s_C_l, offs_d, offs_t, mdt)
+            A2 = A_next * LOG2E
+            Bn = B_next.to(tl.float32)
+            Cn = C_next.to(tl.float32)
+            h_in = h_in_next
+            nxt = tl.minimum(n + 1, N - 1)  # the last state loads itself again
+            B_next = tl.load(B_ptr + nxt * s_B_n + bc_offs * s_B_l, mask=mdt, other=0.0)
+            C_next = tl.load(C_ptr + nxt * s_C_n + bc_offs * s_C_l, mask=mdt, other=0.0)
+            A_next = tl.load(A_ptr + offs_d * N + nxt, mask=md, other=0.0)
+            h_in_next = tl.load(carry_ptr + (c % 2) * d * N + offs_d * N + nxt, mask=md,
+                                other=0.0)
             aS, hS = tl.associative_scan((_decay(dt, A2, starts, HAS_RESET), dtu * Bn), axis=1,
                                          combine_fn=_first_order)
-            h_in = tl.load(carry_ptr + (c % 2) * d * N + offs_d * N + n, mask=md, other=0.0)
             h = hS + aS * h_in[:, None]
             if STORE_CKPT:
                 # One checkpoint per backward chunk: the state entering the chunk and, when
