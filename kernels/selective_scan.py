@@ -129,8 +129,8 @@ def _decay(dt, A2, starts, HAS_RESET: tl.constexpr):
 def _program_rows(u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, reset_ptr, io_ptr, bias_ptr, D_ptr, d,
                   s_u_b, s_dt_b, s_B_b, s_C_b, s_z_b, s_r_b, s_io_b,
                   BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr):
-    """What both scan kernels start from: this program's batch row b, its channels and their
-    mask, delta_bias and D for them, and the row's pointers (io is y forward, dout backward)."""
+    """What the forward kernel starts from: this program's batch row b, its channels and their
+    mask, delta_bias and D for them, and the row's pointers (io is the output y)."""
     b = tl.program_id(1).to(tl.int64)
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     md = offs_d < d
