@@ -82,22 +82,19 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _load_tile(ptr, s_d, s_l, offs_d, offs_t, mask):
-    """A [BLOCK_D, BLOCK_T] tile of a (d, L)-strided tensor, in fp32, 0 outside the mask."""
-    return tl.load(ptr + offs_d[:, None] * s_d + offs_t[None, :] * s_l,
-                   mask=mask, other=0.0).to(tl.float32)
+def _load_tile(ptr, offs, mask):
+    """A tile at element offsets `offs` (already scaled by the strides), in fp32, 0 outside
+    the mask."""
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _load_delta(dt_ptr, s_dt_d, s_dt_l, bias, offs_d, offs_t, mask,
-                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """delta for a [BLOCK_D, BLOCK_T] tile, with bias and softplus; 0 outside the mask.
-
-    Also returns the pre-softplus value, which the backward needs for softplus' derivative.
-    """
-    raw = _load_tile(dt_ptr, s_dt_d, s_dt_l, offs_d, offs_t, mask)
+def _load_delta(dt_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """delta at offsets `offs`, with bias (broadcast to the tile) and softplus, 0 outside the
+    mask; and its pre-softplus value, which the backward needs for softplus' derivative."""
+    raw = _load_tile(dt_ptr, offs, mask)
     if HAS_BIAS:
-        raw = raw + bias[:, None]
+        raw = raw + bias
     dt = raw
     if SOFTPLUS:
         dt = _softplus(raw)
@@ -180,9 +177,9 @@ def _scan_fwd_kernel(
         offs_t = c * BLOCK_T + t_in_chunk
         mt = offs_t < L
         mdt = md[:, None] & mt[None, :]
-        u = _load_tile(u_ptr, s_u_d, s_u_l, offs_d, offs_t, mdt)
-        dt, _ = _load_delta(dt_ptr, s_dt_d, s_dt_l, bias, offs_d, offs_t, mdt,
-                            HAS_BIAS, SOFTPLUS)
+        u = _load_tile(u_ptr + offs_d[:, None] * s_u_d, offs_t[None, :] * s_u_l, mdt)
+        dt, _ = _load_delta(dt_ptr + offs_d[:, None] * s_dt_d, offs_t[None, :] * s_dt_l, mdt,
+                            bias[:, None], HAS_BIAS, SOFTPLUS)
         dtu = dt * u
         starts = tl.zeros([1, BLOCK_T], dtype=tl.int1)
         if HAS_RESET:
@@ -231,7 +228,7 @@ def _scan_fwd_kernel(
         if HAS_D:
             y += Dv[:, None] * u
         if HAS_Z:
-            z = _load_tile(z_ptr, s_z_d, s_z_l, offs_d, offs_t, mdt)
+            z = _load_tile(z_ptr + offs_d[:, None] * s_z_d, offs_t[None, :] * s_z_l, mdt)
             y = y * z * _sigmoid(z)
         tl.store(y_ptr + offs_d[:, None] * s_y_d + offs_t[None, :] * s_y_l,
                  y.to(y_ptr.dtype.element_ty), mask=mdt)
@@ -272,24 +269,6 @@ def _scan_rows(a, x, h_in, rows, cols, ROWS: tl.constexpr, K: tl.constexpr,
     else:
         E = tl.where(rows == 0, h_in, tl.gather(H, tl.maximum(rows - 1, 0), 0))
     return xR + aR * E[:, None], H
-
-
-@triton.jit
-def _load_row_tile(ptr, offs, mask):
-    """A tile of a time-strided row at offsets `offs` (already scaled by the stride), fp32."""
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _row_delta(dt_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """delta (with bias and softplus, 0 outside the mask) and its pre-softplus value."""
-    raw = _load_row_tile(dt_ptr, offs, mask)
-    if HAS_BIAS:
-        raw = raw + bias
-    dt = raw
-    if SOFTPLUS:
-        dt = _softplus(raw)
-    return tl.where(mask, dt, 0.0), raw
 
 
 @triton.jit
@@ -355,18 +334,18 @@ def _scan_bwd_kernel(
         # Only what the loop over states needs stays live through it (dt, dt1, dtu, dy and
         # three accumulators); u, z and dout are loaded again after it (cache hits) rather
         # than held in registers across it.
-        dt = _row_delta(dt_ptr, offs * s_dt_l, m, bias, HAS_BIAS, SOFTPLUS)[0]
-        dtu = dt * _load_row_tile(u_ptr, offs * s_u_l, m)
-        dy = _load_row_tile(dout_ptr, offs * s_o_l, m)
+        dt = _load_delta(dt_ptr, offs * s_dt_l, m, bias, HAS_BIAS, SOFTPLUS)[0]
+        dtu = dt * _load_tile(u_ptr, offs * s_u_l, m)
+        dy = _load_tile(dout_ptr, offs * s_o_l, m)
         if HAS_Z:
-            z = _load_row_tile(z_ptr, offs * s_z_l, m)
+            z = _load_tile(z_ptr, offs * s_z_l, m)
             dy = dy * z * _sigmoid(z)
         # delta one position later, for the adjoint's coefficient a_{t+1}. Past the end of
         # the sequence delta is 0, so the coefficient is 1 and the gradient of the last state
         # reaches position L - 1 unchanged.
         offs1 = offs + 1
         m1 = offs1 < L
-        dt1 = _row_delta(dt_ptr, offs1 * s_dt_l, m1, bias, HAS_BIAS, SOFTPLUS)[0]
+        dt1 = _load_delta(dt_ptr, offs1 * s_dt_l, m1, bias, HAS_BIAS, SOFTPLUS)[0]
         if HAS_RESET:
             starts = tl.load(reset_ptr + offs * s_r_l, mask=m, other=0) != 0
             starts1 = tl.load(reset_ptr + offs1 * s_r_l, mask=m1, other=0) != 0
@@ -421,20 +400,20 @@ def _scan_bwd_kernel(
             tl.store(dA_ptr + c * d * N + n, tl.sum(tl.sum(dh_ah * dt, axis=1), axis=0))
         # The next (earlier) chunk reads the carries just written, possibly by other threads.
         tl.debug_barrier()
-        u = _load_row_tile(u_ptr, offs * s_u_l, m)
+        u = _load_tile(u_ptr, offs * s_u_l, m)
         du = dh_B * dt
         if HAS_D:
             du += Dv * dy
             dD_acc += tl.sum(tl.sum(dy * u, axis=1), axis=0)
         if HAS_Z:
-            dout = _load_row_tile(dout_ptr, offs * s_o_l, m)
+            dout = _load_tile(dout_ptr, offs * s_o_l, m)
             sz = _sigmoid(z)
             pre_gate = y_pre + Dv * u
             dz = dout * pre_gate * sz * (1.0 + z * (1.0 - sz))
             tl.store(dz_ptr + grad_base + offs, dz.to(dz_ptr.dtype.element_ty), mask=m)
         ddt = dh_B * u + dh_Aah
         if SOFTPLUS:
-            _, dt_pre = _row_delta(dt_ptr, offs * s_dt_l, m, bias, HAS_BIAS, SOFTPLUS)
+            _, dt_pre = _load_delta(dt_ptr, offs * s_dt_l, m, bias, HAS_BIAS, SOFTPLUS)
             ddt = ddt * _sigmoid(dt_pre)
         ddt = tl.where(m, ddt, 0.0)
         dbias_acc += tl.sum(tl.sum(ddt, axis=1), axis=0)
