@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mamba_ft import ops
+from mamba_ft.compat import SUPPORTED_TRANSFORMERS
 from mamba_ft.projections import (LowRankPath, channels_first, channels_first_to_rows,
                                   rows_to_channels_first)
 
@@ -43,6 +45,13 @@ class MixerWeights:
     out_proj_bias: torch.Tensor | None
     in_proj_lora: LowRankPath | None = None
     out_proj_lora: LowRankPath | None = None
+
+
+def _one_cache(cache, cache_params):
+    if cache is not None and cache_params is not None:
+        raise TypeError("MambaFTMixer.forward got both `cache` and `cache_params`; pass the "
+                        "cache once.")
+    return cache if cache is not None else cache_params
 
 
 def _mask_padding(x: torch.Tensor, attention_mask: torch.Tensor | None, time_dim: int):
@@ -107,7 +116,25 @@ class MambaFTMixer(nn.Module):
         weights = self.raw_weights()
         return weights if self.adapter is None else self.adapter(weights)
 
-    def forward(self, hidden_states: torch.Tensor, cache_params=None, attention_mask=None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask=None, *,
+                cache_params=None, **unexpected):
+        """transformers' `MambaMixer.forward`: the cache arrives as `cache` (transformers 5.24
+        and later) or `cache_params` (5.23). Any other keyword is an error, not ignored: a
+        keyword swallowed here once made every decoding step start from an empty state."""
+        cache_params = _one_cache(cache, cache_params)
+        if unexpected:
+            raise TypeError(
+                f"MambaFTMixer.forward got keyword(s) it does not understand: "
+                f"{', '.join(sorted(unexpected))} (transformers {transformers.__version__}). "
+                f"mamba-ft supports transformers {SUPPORTED_TRANSFORMERS}; install a version in "
+                f"that range, or teach the mixer the new keyword.")
+        if cache_params is not None and cache_params.is_recording_past(self.layer_idx):
+            # Assisted / speculative decoding roll the cache back to a past state, which this
+            # mixer does not record: refuse rather than decode from a wrong state.
+            raise NotImplementedError(
+                "mamba-ft's mixer does not record past states for cache rollback "
+                "(assisted or speculative decoding); use plain generate, or merge the adapter "
+                "and decode with plain transformers.")
         w = self.mixer_weights()
         seq_len = hidden_states.shape[1]
 

@@ -23,17 +23,14 @@ def use_fused(t: torch.Tensor) -> bool:
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   initial_state=None, reset=None, return_last_state=False):
+                   return_last_state=False, *, initial_state=None, reset=None):
     """Selective scan over (batch, d, L); see `mamba_ft.reference.selective_scan`."""
     if use_fused(u):
-        from mamba_ft.kernels import selective_scan_fn
-
-        return selective_scan_fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                                 delta_softplus=delta_softplus, initial_state=initial_state,
-                                 reset=reset, return_last_state=return_last_state)
-    return reference.selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                                    delta_softplus=delta_softplus, initial_state=initial_state,
-                                    reset=reset, return_last_state=return_last_state)
+        from mamba_ft.kernels import selective_scan_fn as scan
+    else:
+        scan = reference.selective_scan
+    return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                initial_state=initial_state, reset=reset)
 
 
 def causal_conv1d(x, weight, bias=None, initial_state=None, reset=None, activation="silu",

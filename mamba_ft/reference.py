@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mamba_ft.kernels.scan_layout import normalize_scan_inputs
+
 # A 16-step chunk keeps one chunk's (chunk, batch, d, N) tensors in a CPU's cache: the fastest
 # of 16 / 32 / 64 / 128 measured for d=1536, N=16, L=512.
 DEFAULT_CHUNK = 16
@@ -126,15 +128,18 @@ def selective_scan(
     z: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
+    return_last_state: bool = False,
+    *,
     initial_state: torch.Tensor | None = None,
     reset: torch.Tensor | None = None,
-    return_last_state: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
 ):
     """Selective scan y = SSM(A, B, C, delta)(u) (+ D * u) (* silu(z)), state in fp32.
 
-    Returns y in u's dtype, and the final state (batch, d, N) fp32 when `return_last_state`.
+    mamba_ssm's positional order and layouts (`mamba_ft.kernels.scan_layout`). Returns y in
+    u's dtype, and the final state (batch, d, N) fp32 when `return_last_state`.
     """
+    B, C = normalize_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, reset)
     out_dtype = u.dtype
     batch, d, length = u.shape
     u32, delta32 = u.float(), delta.float()

@@ -156,6 +156,53 @@ def test_saved_state_is_per_chunk_not_per_position(monkeypatch):
 
 
 @in_process
+def test_positional_call_in_mamba_ssm_order():
+    """mamba_ssm's positional order (..., delta_softplus, return_last_state) means the same
+    here, through the public drop-in, and a grouped (batch, 1, N, L) B/C equals (batch, N, L)."""
+    from mamba_ft.kernels import selective_scan_fn as drop_in
+
+    inputs, _ = make_inputs(2, 3, 20, 4, h0=False)
+    u, delta, A, B, C, D, z, bias = (inputs[n] for n in NAMES[:8])
+    with torch.no_grad():
+        y, last = drop_in(u, delta, A, B, C, D, z, bias, True, True)
+        y_ref, last_ref = reference.selective_scan(u, delta, A, B, C, D, z, bias, True, True)
+        y_grouped = drop_in(u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, bias, True)
+    torch.testing.assert_close(y, y_ref, **FP32)
+    torch.testing.assert_close(last, last_ref, **FP32)
+    torch.testing.assert_close(y_grouped, y_ref, **FP32)
+    with pytest.raises(TypeError):  # mamba-ft's additions are keyword-only
+        drop_in(u, delta, A, B, C, D, z, bias, True, True, None)
+
+
+@in_process
+@pytest.mark.parametrize("layout,match", [
+    ("B_input_independent", "input-independent"),
+    ("C_two_groups", "2 groups"),
+    ("A_complex", "complex A"),
+    ("reset_not_bool", "reset must be a bool"),
+])
+def test_layouts_mamba_ssm_accepts_are_refused_clearly(layout, match):
+    """Layouts mamba_ssm takes and mamba-ft does not: a ValueError naming the argument, from
+    the kernel and the reference alike, before any launch."""
+    from mamba_ft.kernels import selective_scan_fn as drop_in
+
+    inputs, _ = make_inputs(2, 4, 12, 4, h0=False)
+    args = {n: inputs[n].detach() for n in NAMES[:8]}
+    reset = None
+    if layout == "B_input_independent":
+        args["B"] = torch.randn(4, 4, device=DEVICE)
+    elif layout == "C_two_groups":
+        args["C"] = torch.randn(2, 2, 4, 12, device=DEVICE)
+    elif layout == "A_complex":
+        args["A"] = torch.complex(args["A"], args["A"])
+    else:
+        reset = torch.zeros(2, 12, dtype=torch.int64, device=DEVICE)
+    for fn in (drop_in, reference.selective_scan):
+        with pytest.raises(ValueError, match=match):
+            fn(*args.values(), True, reset=reset)
+
+
+@in_process
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32), (torch.bfloat16, BF16)])
 @pytest.mark.parametrize("batch,d,L,N,opts", [

@@ -15,6 +15,9 @@ from mamba_ft.errors import UserError
 from mamba_ft.mixer import MambaFTMixer
 from mamba_ft.models import load_model
 
+# Touches transformers / PEFT internals: .ci/run re-runs it on the lowest supported versions.
+pytestmark = pytest.mark.seam
+
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from transformers import MambaForCausalLM
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
 from mamba_ft.mixer import MambaFTMixer
 from mamba_ft.models import document_starts, swap_mixers
+
+# Touches transformers / PEFT internals: .ci/run re-runs it on the lowest supported versions.
+pytestmark = pytest.mark.seam
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 

@@ -7,23 +7,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_mamba_ft_kernels_imports_from_the_kernels_directory():
     import mamba_ft.kernels
 
-    assert Path(mamba_ft.kernels.__file__).resolve().parent == REPO / "kernels"
+    assert Path(mamba_ft.kernels.__file__).resolve().parent == REPO / "kernels" / "triton"
 
 
-def test_top_level_kernels_is_not_this_project():
-    # Run from a neutral directory so the repo root (which holds kernels/) is not on sys.path,
-    # as for any user of the installed package.
-    code = ("import importlib.util, sys; spec = importlib.util.find_spec('kernels'); "
-            "print(spec.origin if spec else 'none')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
+@pytest.mark.parametrize("cwd", ["/", str(REPO)])
+def test_top_level_kernels_is_not_this_project(cwd):
+    # From the repo root (`python -m ...`, `accelerate launch -m mamba_ft.cli`) the root is on
+    # sys.path; kernels/ must not be found as a package there, or it shadows Hugging Face's
+    # `kernels`, which transformers 5.25 imports on every model import.
+    code = ("import importlib.util; spec = importlib.util.find_spec('kernels'); "
+            "print(spec.origin if spec and spec.origin else 'none'); "
+            "import transformers.activations")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd,
                          check=True).stdout.strip()
-    assert out == "none" or not Path(out).resolve().is_relative_to(REPO), out
+    assert out == "none" or not Path(out).resolve().is_relative_to(REPO / "kernels"), out
 
 
 def test_console_script_is_installed():

@@ -45,6 +45,7 @@ def _scrambled(model):
     return model.eval()
 
 
+@pytest.mark.seam
 @pytest.mark.parametrize("kind", ["mamba", "llama"])
 def test_cached_generation_matches_uncached_closed_loop(kind):
     # Two independent decoders: transformers' generate with its KV / recurrent cache, and the

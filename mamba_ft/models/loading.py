@@ -16,6 +16,7 @@ Nothing here runs code from the user's files: safetensors, `torch.load(weights_o
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,8 @@ from transformers import (
 )
 
 from mamba_ft.errors import UserError
-from mamba_ft.models.mamba_ssm_format import is_mamba_ssm_config, load_mamba_ssm_dir
+from mamba_ft.models.mamba_ssm_format import (is_mamba_ssm_config, load_mamba_ssm_dir,
+                                             unsafe_pickle_message)
 from mamba_ft.models.swap import swap_mixers, swap_norms
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "bundled"
@@ -158,6 +160,8 @@ def _from_pretrained(cls, path, where: str, dtype, trust_remote_code: bool, conf
     try:
         return cls.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
                                    local_files_only=Path(str(path)).exists())
+    except pickle.UnpicklingError:
+        raise UserError(unsafe_pickle_message(where)) from None
     except OSError as exc:
         raise UserError(f"Could not load {where}: {exc}".rstrip(".") + ". Check the path, or "
                         "download the checkpoint where a network exists and pass its directory.") from None

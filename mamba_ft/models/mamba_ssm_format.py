@@ -10,6 +10,7 @@ name (`embedding` -> `embeddings`), and the vocabulary is padded to a multiple o
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 
 import torch
@@ -59,6 +60,15 @@ def mamba_config_from_ssm(raw: dict, where: str) -> MambaConfig:
     )
 
 
+def unsafe_pickle_message(where: str) -> str:
+    # torch's own message advises weights_only=False, which would run the file's code.
+    return (f"The weights in {where} are a pickle that would run code when loaded (it holds "
+            f"objects other than tensors); mamba-ft loads only safetensors or weights-only "
+            f"tensor files; if you trust its origin, convert it once: load it "
+            f"where running its code is acceptable and save the tensors with safetensors' save_file (or "
+            f"save_pretrained(..., safe_serialization=True)), then pass that directory.")
+
+
 def read_ssm_state_dict(path: Path) -> dict[str, torch.Tensor]:
     for name in _WEIGHT_FILES:
         file = path / name
@@ -67,6 +77,8 @@ def read_ssm_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 if name.endswith(".safetensors"):
                     return load_file(str(file))
                 return torch.load(file, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                raise UserError(unsafe_pickle_message(str(file))) from None
             except Exception as exc:  # corrupt or truncated files raise many types
                 raise UserError(f"Could not read the weights {file}: {exc}. The file is damaged or "
                                 f"not a checkpoint; download it again.") from None

@@ -9,6 +9,7 @@ from torch import nn
 from transformers.models.mamba.modeling_mamba import MambaMixer, MambaRMSNorm
 
 from mamba_ft import ops
+from mamba_ft.compat import warn_if_untested_transformers
 from mamba_ft.mixer import MambaFTMixer
 
 
@@ -29,6 +30,7 @@ def swap_mixers(model: nn.Module) -> int:
     Returns how many were swapped. Parameter names and shapes do not change, so state dicts,
     optimizers built afterwards and `save_pretrained` behave as with plain transformers.
     """
+    warn_if_untested_transformers()
     return _swap(model, MambaMixer, MambaFTMixer)
 
 

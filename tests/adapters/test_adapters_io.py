@@ -28,6 +28,9 @@ from mamba_ft.adapters import (
 )
 from mamba_ft.errors import UserError
 
+# Touches transformers / PEFT internals: .ci/run re-runs it on the lowest supported versions.
+pytestmark = pytest.mark.seam
+
 EVERYTHING = ["all", "embeddings", "lm_head"]
 
 

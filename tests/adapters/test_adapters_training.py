@@ -175,6 +175,7 @@ def test_plain_transformers_peft_dt_proj_lora_gets_no_gradient(ids):
             get_peft_model(plain_mamba(), LoraConfig(r=4, target_modules=[target]))
 
 
+@pytest.mark.seam
 def test_decoding_with_cache_equals_full_forward(ids):
     model = ft_copy(plain_mamba())
     attach_adapters(model, AdapterConfig(targets=["all", "embeddings", "lm_head"], rank=3))

@@ -67,6 +67,7 @@ def gen_requests():
     return [Instance("generate_until", {}, (c, dict(kwargs)), i) for i, c in enumerate(CONTEXTS)]
 
 
+@pytest.mark.seam
 def test_batched_generation_equals_batch_one_and_greedy_reference(tiny_mamba_dir):
     outputs = {}
     for batch_size in (1, 8):
@@ -97,6 +98,7 @@ def test_generation_falls_back_to_batch_one_when_padding_would_leak(tiny_mamba_b
     assert HFLM.generate_until(lm, gen_requests()) != single
 
 
+@pytest.mark.seam
 def test_adapter_is_used_and_matches_the_merged_model(tiny_mamba_dir, tmp_path):
     from mamba_ft.adapters import AdapterConfig, adapter_parameters, attach_adapters, merge_adapter_dir, save_adapters
     from mamba_ft.models import load_model

@@ -49,10 +49,12 @@ import torch
 import triton
 import triton.language as tl
 
+from mamba_ft.kernels.scan_layout import normalize_scan_inputs
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
-# Tuned on an H100 (`benchmarks/kernels.py --sweep`, docs/benchmarks.md):
+# Tuned on an H100 (`benchmarks/kernel_speed.py --sweep`, docs/benchmarks.md):
 # Longest forward chunk (positions per tile). A sequence up to this length is one chunk;
 # longer ones carry state between chunks. Tests lower it to exercise the carries.
 MAX_CHUNK = 512
@@ -548,7 +550,9 @@ class SelectiveScanFn(torch.autograd.Function):
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                      initial_state=None, reset=None, return_last_state=False):
-    """Drop-in for `mamba_ft.reference.selective_scan` (and mamba_ssm's `selective_scan_fn`)."""
+                      return_last_state=False, *, initial_state=None, reset=None):
+    """Drop-in for mamba_ssm's `selective_scan_fn` (its positional order), with mamba-ft's
+    `initial_state` and `reset` keyword-only; semantics of `mamba_ft.reference.selective_scan`."""
+    B, C = normalize_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, reset)
     return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                  initial_state, reset, return_last_state)

@@ -27,12 +27,13 @@ def available() -> bool:
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                      initial_state=None, reset=None, return_last_state=False):
-    """Selective scan, same semantics as `mamba_ft.reference.selective_scan`."""
+                      return_last_state=False, *, initial_state=None, reset=None):
+    """Drop-in for mamba_ssm's `selective_scan_fn`: its positional order and layouts, with
+    mamba-ft's `initial_state` and `reset` keyword-only (`kernels/triton/scan_layout.py`)."""
     from mamba_ft.kernels.selective_scan import selective_scan_fn as fn
 
-    return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-              initial_state=initial_state, reset=reset, return_last_state=return_last_state)
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+              initial_state=initial_state, reset=reset)
 
 
 def causal_conv1d_fn(x, weight, bias=None, initial_state=None, reset=None, activation="silu",
