@@ -19,10 +19,11 @@ def _train(args):
 
 
 def _validate(args):
-    from mamba_ft.recipe import load_recipe
+    from mamba_ft.recipe import validate_file
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    print(recipe.to_yaml(), end="")
+    kind, resolved = validate_file(args.recipe, args.overrides)
+    print(f"# {args.recipe}: a valid {kind}, resolved")
+    print(resolved, end="")
 
 
 def _merge(args):
@@ -69,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 run.max_steps=50")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("validate", help="check a recipe and print it resolved")
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("validate", help="check a training recipe or a synthetic spec and print it resolved")
+    p.add_argument("recipe", help="recipe YAML file (recipes/*.yaml) or synthetic spec (recipes/synthetic/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("merge", help="fold an adapter into its base model: a plain transformers checkpoint")

@@ -92,10 +92,32 @@ def load_rows(source, what: str):
                 rows = datasets.load_dataset(where, split=source.split)
         except (FileNotFoundError, KeyError, ValueError, StopIteration,
                 datasets.exceptions.DatasetGenerationError) as exc:
+            bad = _first_bad_json_line(where) if isinstance(where, Path) and where.suffix == ".jsonl" else None
+            if bad is not None:
+                raise UserError(f"The {what} data file {where}, line {bad[0]}, is not a JSON object "
+                                f"({bad[1]}); fix that line (each line of a .jsonl file is one JSON "
+                                f"object).") from None
             raise UserError(f"Could not load the {what} data from {source.path!r}: {exc}") from None
     if source.limit is not None:
         rows = rows.select(range(min(source.limit, len(rows))))
     return rows
+
+
+def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
+    """(line number, reason) of the first line of a .jsonl file that is not a JSON object."""
+    import json
+
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                parsed = json.loads(line)
+            except json.JSONDecodeError as exc:
+                return number, exc.msg
+            if not isinstance(parsed, dict):
+                return number, f"found a {type(parsed).__name__}"
+    return None
 
 
 def check_columns(rows, fmt: str, what: str) -> None:
@@ -105,6 +127,16 @@ def check_columns(rows, fmt: str, what: str) -> None:
         raise UserError(f"The {what} data does not fit format {fmt!r}: expected columns "
                         f"{', '.join(expected)}, found {', '.join(rows.column_names) or 'none'}; "
                         f"rename the columns or set data.format to the format they follow.")
+
+
+def _check_text_fields(row: dict, fmt: str, where: str) -> None:
+    """A null or non-string text field names its row and field (the tokenizer's error would not)."""
+    for column in FORMAT_COLUMNS[fmt]:
+        value = row[column]
+        if column != "messages" and not isinstance(value, str):
+            shown = "null" if value is None else f"a {type(value).__name__} ({value!r:.40})"
+            raise UserError(f"{where}: field {column!r} is {shown}, not text; fix or remove that row "
+                            f"(data.{{train,eval}}.limit keeps only the first rows).")
 
 
 def segments(row: dict, fmt: str, tokenizer) -> list[tuple[str, bool]]:
@@ -156,7 +188,11 @@ def tokenize_rows(rows, data_cfg, tokenizer, what: str) -> TokenizedData:
         raise UserError("data.format is 'chat' but the tokenizer has no chat template; use a "
                         "tokenizer with one (model.tokenizer) or data.format: completion.")
 
-    def encode(row):
+    source = getattr(data_cfg, what).path if what in ("train", "eval") else None
+    origin = f"The {what} data" + (f" ({source})" if source else "")
+
+    def encode(row, index):
+        _check_text_fields(row, data_cfg.format, f"{origin}, row {index + 1}")
         ids, labels, truncated = tokenize_example(segments(row, data_cfg.format, tokenizer), tokenizer,
                                                   data_cfg.max_length, data_cfg.add_eos,
                                                   data_cfg.train_on_prompt)
@@ -164,7 +200,7 @@ def tokenize_rows(rows, data_cfg, tokenizer, what: str) -> TokenizedData:
         n_targets = sum(1 for label in labels[1:] if label != IGNORE)
         return {"input_ids": ids, "labels": labels, "truncated": truncated, "n_targets": n_targets}
 
-    encoded = rows.map(encode, remove_columns=rows.column_names, desc=f"tokenizing {what}")
+    encoded = rows.map(encode, with_indices=True, remove_columns=rows.column_names, desc=f"tokenizing {what}")
     n_truncated = sum(encoded["truncated"])
     kept = encoded.filter(lambda n: n > 0, input_columns="n_targets")
     n_dropped = len(encoded) - len(kept)

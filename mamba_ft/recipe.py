@@ -187,6 +187,21 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return validate_recipe(data, where=str(path))
 
 
+def validate_file(path: str | Path, overrides: list[str] | None = None) -> tuple[str, str]:
+    """What `mamba-ft validate` checks: a training recipe, or a synthetic spec (a mapping with
+    `task` and no `model`: `mamba-ft synth`'s files), checked fully without running it.
+    Returns (which of the two it is, the resolved YAML)."""
+    path = Path(path)
+    if path.is_file():
+        data = read_yaml_mapping(path, "Recipe", "sections: model, data, run, ...")
+        if "task" in data and "model" not in data:
+            from mamba_ft.synthetic.spec import load_spec
+
+            spec = load_spec(str(path), overrides)
+            return "synthetic spec (mamba-ft synth)", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    return "training recipe (mamba-ft train)", load_recipe(path, overrides).to_yaml()
+
+
 def read_yaml_mapping(path: Path, what: str, expected: str) -> dict:
     """The mapping in a YAML file (safe_load: no code runs); UserError for anything else."""
     try:

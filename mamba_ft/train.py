@@ -1,8 +1,9 @@
 """The training loop: `mamba-ft train recipe.yaml`, on Accelerate. Read it top to bottom.
 
-1. recipe -> Accelerator (mixed precision, gradient accumulation), output_dir checked
-2. model (+ adapters), precision policy, tokenized data, optimizer, LR schedule
-3. optional resume from a checkpoint
+1. recipe -> Accelerator (mixed precision, gradient accumulation), output_dir checked (not written)
+2. model (+ adapters), precision policy, tokenized data, optimizer
+3. optional resume from a checkpoint; the LR schedule from the recipe, at the resumed step;
+   only now is output_dir written (mamba_ft/run_dir.py)
 4. loop: for each optimizer step, fetch this process's micro-batches of the global batch,
    normalise the loss by the number of target tokens in the whole global batch (all
    accumulation steps and all processes), backward (each micro-step eager, or replayed as a
@@ -30,15 +31,11 @@ import numpy as np
 import torch
 
 from mamba_ft import data as data_lib
-from mamba_ft import distributed, precision
+from mamba_ft import distributed, precision, run_dir
+from mamba_ft import schedule as schedule_lib
 from mamba_ft.errors import UserError
 from mamba_ft.loss import next_token_loss_sum
 from mamba_ft.recipe import Recipe, load_recipe
-
-# Sections whose change makes an output_dir hold "a different run".
-_RUN_IDENTITY = ("model", "adapter", "precision", "data", "optim", "schedule")
-_RUN_IDENTITY_KEYS = ("micro_batch_size", "grad_accum_steps", "seed")
-
 
 @dataclass
 class TrainResult:
@@ -102,10 +99,10 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, train_dataset=None, eva
     _check_cuda_graphs(recipe, accelerator)
     precision.set_tf32(recipe.precision.tf32)
     out = Path(run.output_dir)
-    resume_from = _check_output_dir(recipe, out, accelerator)
+    resume_from = run_dir.check_output_dir(recipe, out)
     set_seed(run.seed)
 
-    # -- 2. model, adapters, data, optimizer, schedule -----------------------------------------
+    # -- 2. model, adapters, data, optimizer ---------------------------------------------------
     if model is None:
         from mamba_ft.models import load_model
 
@@ -166,7 +163,6 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, train_dataset=None, eva
 
     optimizer = torch.optim.AdamW(trainable, lr=recipe.optim.lr, betas=recipe.optim.betas,
                                   eps=recipe.optim.eps, weight_decay=recipe.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe.schedule, total_steps))
     if fsdp2 is None:
         model, optimizer = accelerator.prepare(model, optimizer)
         # Preparing wraps the forward in autocast and casts its outputs to fp32: a full fp32
@@ -176,15 +172,22 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, train_dataset=None, eva
         accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     else:  # already sharded; Accelerate must not wrap it in DDP
         optimizer = accelerator.prepare(optimizer)
-    # The scheduler is not prepared: it steps once per optimizer step, whatever the process count.
 
-    # -- 3. resume ------------------------------------------------------------------------------
+    # -- 3. resume, schedule, output dir --------------------------------------------------------
     step, step_losses, skipped = 0, [], precision.SkippedSteps()
+    schedule_now = schedule_lib.describe(recipe, total_steps)
     if resume_from is not None:
-        step, step_losses, skipped.count = _load_checkpoint(resume_from, model, optimizer, scheduler,
-                                                            accelerator)
+        # The groups then carry every key a saved state has (initial_lr included), which
+        # FSDP2's name-keyed load requires; build() below sets the recipe's values again.
+        schedule_lib.set_hyperparameters(optimizer, recipe.optim)
+        state = _load_checkpoint(resume_from, model, optimizer, accelerator)
+        step, step_losses, skipped.count = state["step"], list(state["step_losses"]), state["skipped_steps"]
         if _is_main():
-            print(f"resumed from {resume_from} at step {step}")
+            print(schedule_lib.resume_line(resume_from, step, state.get("schedule"), schedule_now))
+    # Not prepared: it steps once per optimizer step, whatever the process count. A skipped
+    # fp16 step does not advance it, so its position is the number of applied steps.
+    scheduler = schedule_lib.build(optimizer, recipe, total_steps, position=step - skipped.count)
+    run_dir.claim_output_dir(recipe, out, resume_from, accelerator)
     metrics = _Metrics(out / "metrics.jsonl", accelerator, keep_through=step, fresh=resume_from is None)
     if trackers:
         accelerator.init_trackers(cfg_log.wandb_project or "mamba-ft", config=recipe.model_dump(mode="json"))
@@ -244,16 +247,17 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, train_dataset=None, eva
                     # The graph accumulates into the gradient tensors it was captured with.
                     optimizer.zero_grad(set_to_none=graphed is None)
         step_loss = float(accelerator.reduce(loss_sum, "sum")) / max(n_global, 1)
-        if not math.isfinite(step_loss):
-            last = _latest_checkpoint(out)
-            raise UserError(f"The training loss became {step_loss} at step {step + 1}; stopped. "
-                            f"{'The last good checkpoint is ' + str(last) if last else 'No checkpoint was written'}"
-                            f". Lower optim.lr, use precision.mode: bf16 or fp32, or check the data.")
+        step_skipped = skipped.update(accelerator)  # fp16 overflow: not applied, not a failure
+        for what, value in (("loss", step_loss), ("gradient norm", None if step_skipped else grad_norm)):
+            if value is not None and not math.isfinite(value):
+                raise run_dir.nonfinite_stop(out, step + 1, what, value, accelerator)
         lr = scheduler.get_last_lr()[0]  # the rate this step used
-        if not skipped.update(accelerator):  # a skipped fp16 step does not advance the schedule
+        if not step_skipped:
             scheduler.step()
         step += 1
         step_losses.append(step_loss)
+        if accelerator.is_main_process:  # this finite step vouches for the checkpoint before it
+            run_dir.prune_checkpoints(out, run.keep_last, trusted_through=step - 1)
 
         tokens = int(accelerator.reduce(torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches),
                                                      device=accelerator.device), "sum"))
@@ -269,10 +273,11 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, train_dataset=None, eva
             evaluate()
             model.train()
         if run.save_every and step % run.save_every == 0:
-            _save_checkpoint(out, step, step_losses, skipped.count, model, optimizer, scheduler,
-                             accelerator, run.keep_last)
+            _save_checkpoint(out, step, step_losses, skipped.count, model, optimizer, schedule_now, accelerator)
     if progress is not None:
         progress.close()
+    if accelerator.is_main_process:  # the run finished: its last checkpoint counts toward keep_last
+        run_dir.prune_checkpoints(out, run.keep_last, trusted_through=step)
     del graphed  # its memory pool (the step's activations) is freed with it
 
     # -- 5. final eval, save, plot, hooks ---------------------------------------------------------
@@ -358,57 +363,6 @@ def _trackers(cfg_log) -> list[str]:
     return trackers
 
 
-def _run_identity(recipe: Recipe) -> dict:
-    dumped = recipe.model_dump(mode="json")
-    identity = {key: dumped[key] for key in _RUN_IDENTITY}
-    identity["run"] = {key: dumped["run"][key] for key in _RUN_IDENTITY_KEYS}
-    return identity
-
-
-def _check_output_dir(recipe: Recipe, out: Path, accelerator) -> Path | None:
-    """Refuse an output_dir holding another run; write the resolved recipe; the checkpoint to resume."""
-    run = recipe.run
-    saved = out / "recipe.yaml"
-    occupied = out.exists() and any(out.iterdir())
-    resume_from = None
-    if run.resume not in (None, "auto"):
-        resume_from = Path(run.resume)
-        if not (resume_from / "trainer_state.json").is_file():
-            raise UserError(f"run.resume points to {resume_from}, which is not a mamba-ft checkpoint "
-                            f"(no trainer_state.json); use 'auto' or a checkpoints/step-N directory.")
-    elif run.resume == "auto":
-        resume_from = _latest_checkpoint(out)
-    if occupied and not run.overwrite:
-        if not saved.is_file():
-            raise UserError(f"output_dir {out} is not empty and holds no mamba-ft run; choose another "
-                            f"run.output_dir (mamba-ft never writes into a directory of other files).")
-        import yaml
-
-        previous = yaml.safe_load(saved.read_text())
-        try:
-            same = _run_identity(Recipe.model_validate(previous)) == _run_identity(recipe)
-        except Exception:
-            same = False
-        if not same:
-            raise UserError(f"output_dir {out} already holds a different run (its recipe.yaml differs); "
-                            f"choose another run.output_dir, or set run.overwrite: true to replace it.")
-        if resume_from is None and run.resume == "auto":
-            raise UserError(f"output_dir {out} holds this run but no checkpoint to resume from; set "
-                            f"run.overwrite: true to start it again, or choose another run.output_dir.")
-        if resume_from is None:
-            raise UserError(f"output_dir {out} already holds this run; set run.resume: auto to continue "
-                            f"it, or run.overwrite: true to start it again.")
-    accelerator.wait_for_everyone()  # every process has looked before the main one writes
-    if accelerator.is_main_process:
-        if occupied and run.overwrite and resume_from is None and (out / "checkpoints").is_dir():
-            print(f"run.overwrite: replacing the checkpoints of the previous run in {out}")
-            shutil.rmtree(out / "checkpoints")
-        out.mkdir(parents=True, exist_ok=True)
-        saved.write_text(recipe.to_yaml())
-    accelerator.wait_for_everyone()
-    return resume_from
-
-
 def _datasets(recipe, tokenizer, train_dataset, eval_dataset, accelerator):
     """Tokenized train/eval datasets: given ones as they are, else built from data section."""
     if train_dataset is not None:
@@ -449,18 +403,6 @@ def _pad_id(tokenizer) -> int:
         if candidate is not None:
             return candidate
     return 0
-
-
-def _lr_lambda(schedule, total_steps: int):
-    def factor(step: int) -> float:
-        if step < schedule.warmup_steps:
-            return (step + 1) / (schedule.warmup_steps + 1)
-        if schedule.kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - schedule.warmup_steps) / max(1, total_steps - schedule.warmup_steps))
-        shape = 1.0 - progress if schedule.kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-        return schedule.min_lr_ratio + (1.0 - schedule.min_lr_ratio) * shape
-    return factor
 
 
 def _micro_batch_indices(step: int, run, steps_per_epoch: int, n_rows: int, world: int, rank: int):
@@ -596,14 +538,12 @@ def _plot(metrics_path: Path, png: Path) -> Path:
 
 # --- checkpoints and final save ------------------------------------------------------------------
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((p for p in (out / "checkpoints").glob("step-*") if (p / "trainer_state.json").is_file()),
-                   key=lambda p: int(p.name.split("-")[1])) if (out / "checkpoints").is_dir() else []
-    return found[-1] if found else None
+def _save_checkpoint(out, step, step_losses, skipped, model, optimizer, schedule, accelerator):
+    """Write checkpoints/step-N atomically (temporary dir, then rename); run_dir prunes them.
 
-
-def _save_checkpoint(out, step, step_losses, skipped, model, optimizer, scheduler, accelerator, keep_last):
-    """Write checkpoints/step-N atomically (temporary dir, then rename); keep the last k."""
+    `schedule` (schedule.describe) is recorded so a resumed run can say what it changed; the
+    scheduler itself is rebuilt from the recipe on resume, so its state is not saved.
+    """
     from safetensors.torch import save_file
 
     root = out / "checkpoints"
@@ -616,7 +556,7 @@ def _save_checkpoint(out, step, step_losses, skipped, model, optimizer, schedule
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of our own interrupted save
         tmp.mkdir(parents=True)
         save_file(trainable, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+        torch.save({"optimizer": optimizer_state,
                     "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None},
                    tmp / "optimizer.pt")
     accelerator.wait_for_everyone()
@@ -632,15 +572,18 @@ def _save_checkpoint(out, step, step_losses, skipped, model, optimizer, schedule
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps(
             {"step": step, "step_losses": step_losses, "skipped_steps": skipped,
-             "num_processes": accelerator.num_processes, "layout": distributed.layout(unwrapped)}))
+             "num_processes": accelerator.num_processes, "layout": distributed.layout(unwrapped),
+             "schedule": schedule}))
         os.replace(tmp, final)
-        older = sorted((p for p in root.glob("step-*")), key=lambda p: int(p.name.split("-")[1]))
-        for stale in older[:-keep_last]:
-            shutil.rmtree(stale)
     accelerator.wait_for_everyone()
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler, accelerator):
+def _load_checkpoint(path: Path, model, optimizer, accelerator) -> dict:
+    """Restore weights, optimizer moments, loss scale and RNG; the checkpoint's trainer_state.
+
+    The scheduler state an older checkpoint holds is not used: the schedule comes from the
+    recipe (mamba_ft/schedule.py).
+    """
     from safetensors.torch import load_file
 
     state = json.loads((path / "trainer_state.json").read_text())
@@ -655,7 +598,6 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, accelerator):
     distributed.load_trainable_state(unwrapped, load_file(str(path / "trainable.safetensors")))
     saved = torch.load(path / "optimizer.pt", weights_only=True)
     distributed.load_optimizer_state(unwrapped, optimizer, saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
     if accelerator.scaler and saved["scaler"]:
         accelerator.scaler.load_state_dict(saved["scaler"])
     rng = torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=True)
@@ -665,7 +607,7 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, accelerator):
     torch.set_rng_state(rng["torch"])
     if rng["cuda"]:
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return state["step"], list(state["step_losses"]), state["skipped_steps"]
+    return state
 
 
 def _save_final(recipe: Recipe, model, tokenizer, out: Path, state_dict: dict | None = None) -> Path:

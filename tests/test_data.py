@@ -167,3 +167,22 @@ def test_pack_fills_rows_greedily_in_order():
     assert packed["input_ids"] == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
     assert packed["document_starts"] == [[1, 0, 0, 1, 0], [1, 0, 0, 0, 1]]
     assert packed["labels"] == [[IGNORE, 2, 3, IGNORE, 5], [IGNORE, 7, 8, 9, IGNORE]]
+
+
+def test_null_field_names_file_row_and_field(tokenizer, tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"prompt": "Q: ab A:", "completion": " ba"}) + "\n"
+                    + json.dumps({"prompt": None, "completion": " cb"}) + "\n")
+    d = DataSection(format="completion", train=DataSource(path=str(path)))
+    with pytest.raises(UserError) as info:
+        data_lib.tokenize_rows(data_lib.load_rows(d.train, "train"), d, tokenizer, "train")
+    message = str(info.value)
+    assert str(path) in message and "row 2" in message and "'prompt' is null" in message
+
+
+def test_malformed_jsonl_line_names_the_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c"\n{"text": "d"}\n')
+    with pytest.raises(UserError) as info:
+        data_lib.load_rows(DataSource(path=str(path)), "train")
+    assert str(path) in str(info.value) and "line 3" in str(info.value)

@@ -3,7 +3,9 @@ output_dir guards, non-finite loss, Transformer baseline, 2-process gloo launch,
 
 import copy
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -151,8 +153,109 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "_forward_loss_sum", nan_at_step_3)
     with pytest.raises(UserError) as info:
         train_mod.train(validate_recipe(recipe_dict(tmp_path, max_steps=5, save_every=1)))
-    assert "became nan at step 3" in str(info.value) and "step-2" in str(info.value)
-    assert (tmp_path / "checkpoints" / "step-2" / "trainer_state.json").is_file()
+    # Step 3 started from the weights of step-2, so step-2 is set aside and step-1 is named.
+    message = str(info.value)
+    assert "became nan at step 3" in message and f"is {tmp_path / 'checkpoints' / 'step-1'};" in message
+    assert (tmp_path / "checkpoints" / "step-1" / "trainer_state.json").is_file()
+    assert (tmp_path / "checkpoints" / "nonfinite-step-2" / "trainer_state.json").is_file()
+    assert train_mod.run_dir.latest_checkpoint(tmp_path).name == "step-1"  # what resume: auto takes
+
+
+def test_nonfinite_stop_names_a_checkpoint_that_resumes_finite(tmp_path):
+    """A huge lr (warmed up over 4 steps) breaks the model for real: the loss of step 4 is NaN
+    because the update of step 3 ruined the weights. The checkpoint named as last good must
+    give a finite loss when training resumes from it."""
+    d = recipe_dict(tmp_path / "run", max_steps=12, save_every=1)
+    d["optim"]["lr"] = 100.0
+    d["schedule"] = {"warmup_steps": 4}
+    with pytest.raises(UserError, match="became nan") as info:
+        train_mod.train(validate_recipe(d))
+    named = Path(re.search(r"last good checkpoint.*? is (\S*step-\d+)", str(info.value)).group(1))
+    step = int(named.name.split("-")[1])
+    again = recipe_dict(tmp_path / "again", max_steps=step + 1, resume=str(named))
+    again["optim"]["lr"], again["schedule"] = 100.0, {"warmup_steps": 4}
+    resumed = train_mod.train(validate_recipe(again))
+    assert len(resumed.step_losses) == step + 1 and math.isfinite(resumed.step_losses[-1])
+
+
+def logged_lrs(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["lr"] for r in rows if "lr" in r}
+
+
+def reference_lrs(lr, warmup, total):
+    """The lr of each step (1-based) of a fresh transformers cosine schedule over `total` steps."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=warmup, num_training_steps=total)
+    lrs = {}
+    for step in range(1, total + 1):
+        lrs[step] = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_resume_takes_the_schedule_from_the_recipe(tmp_path, capsys):
+    """Resuming with a longer run.max_steps and another optim.lr continues the recipe's
+    schedule from the checkpoint's step (no lr 0 from the old schedule's end, no old lr)."""
+    d = recipe_dict(tmp_path / "run", max_steps=4, save_every=2)
+    d["schedule"] = {"kind": "cosine", "warmup_steps": 1}
+    train_mod.train(validate_recipe(d))
+    assert logged_lrs(tmp_path / "run") == pytest.approx(reference_lrs(1e-2, 1, 4), rel=1e-12)
+
+    d["run"].update(max_steps=6, resume="auto")
+    d["optim"]["lr"] = 5e-3
+    capsys.readouterr()
+    train_mod.train(validate_recipe(d))
+    lrs, expected = logged_lrs(tmp_path / "run"), reference_lrs(5e-3, 1, 6)
+    assert [lrs[s] for s in (5, 6)] == pytest.approx([expected[5], expected[6]], rel=1e-12)
+    printed = capsys.readouterr().out
+    assert "at step 4" in printed and "lr 0.01 -> 0.005" in printed and "total_steps 4 -> 6" in printed
+
+    # Into a new directory from a mid-run checkpoint, as the issue did it.
+    other = recipe_dict(tmp_path / "other", max_steps=4, resume=str(tmp_path / "run" / "checkpoints" / "step-4"))
+    other["schedule"] = {"kind": "cosine", "warmup_steps": 1}
+    other["optim"]["lr"] = 1e-4
+    other["run"]["max_steps"] = 8
+    train_mod.train(validate_recipe(other))
+    lrs, expected = logged_lrs(tmp_path / "other"), reference_lrs(1e-4, 1, 8)
+    assert sorted(lrs) == [5, 6, 7, 8]
+    assert [lrs[s] for s in range(5, 9)] == pytest.approx([expected[s] for s in range(5, 9)], rel=1e-12)
+
+
+def test_failed_start_leaves_nothing_that_blocks_the_fix(tmp_path):
+    """A typo in a data path must not leave a recipe.yaml behind that makes the corrected
+    command 'a different run'."""
+    d = recipe_dict(tmp_path / "run", max_steps=1)
+    good_train = d["data"]["train"]
+    d["data"]["train"] = {"path": str(tmp_path / "tarin.jsonl")}
+    with pytest.raises(UserError, match="does not exist"):
+        train_mod.train(validate_recipe(d))
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    d["data"]["train"] = good_train
+    assert train_mod.train(validate_recipe(d)).steps == 1
+
+
+def test_overwrite_never_writes_among_other_files(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="holds no mamba-ft run"):
+        train_mod.train(validate_recipe(recipe_dict(foreign, max_steps=1, overwrite=True)))
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+    # A previous run's folder to which the user added a file of their own: refused, untouched.
+    run = tmp_path / "run"
+    train_mod.train(validate_recipe(recipe_dict(run, max_steps=1)))
+    (run / "notes.txt").write_text("keep me")
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(UserError, match="also holds notes.txt"):
+        train_mod.train(validate_recipe(recipe_dict(run, max_steps=2, overwrite=True)))
+    assert sorted(p.name for p in run.iterdir()) == before
+    (run / "notes.txt").unlink()
+    assert train_mod.train(validate_recipe(recipe_dict(run, max_steps=2, overwrite=True))).steps == 2
 
 
 def test_transformer_baseline_trains_and_refuses_packing(tmp_path):
