@@ -7,9 +7,9 @@ paths), then timed. Peak memory of a step is the growth of the resident set's hi
 over the resident set before the step, after resetting the mark (Linux: /proc/self/clear_refs).
 Run it on an otherwise idle machine: the two are timed one after the other.
 
-    python benchmarks/cpu_reference.py [--layers 24] [--length 512] [--steps 1]
+    python benchmarks/cpu_reference.py [--layers 24] [--length 512] [--steps 1] [--out DIR]
 
-Writes benchmarks/results/cpu_reference.json and .md.
+Writes cpu_reference.json and .md under --out (default benchmarks/results).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import platform
 import time
 from datetime import date
@@ -29,7 +28,7 @@ from transformers import MambaConfig, MambaForCausalLM
 
 from mamba_ft.models import swap_mixers
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench_common import RESULTS_DIR, markdown_table, write_json, write_markdown
 
 
 def build(layers: int) -> MambaForCausalLM:
@@ -74,6 +73,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--steps", type=int, default=1, help="timed steps per implementation")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args()
 
     ids = torch.randint(0, 50280, (1, args.length), generator=torch.Generator().manual_seed(1))
@@ -104,16 +104,14 @@ def main() -> None:
         "speedup": best["transformers"] / best["mamba-ft"],
         "peak_extra_gib": {k: v / 2**30 for k, v in memory.items()},
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cpu_reference.json").write_text(json.dumps(result, indent=2))
-    table = ["| implementation | step (s) | tokens/s | peak extra memory (GiB) |", "|---|---|---|---|"]
-    for impl in ("transformers", "mamba-ft"):
-        table.append(f"| {impl} | {best[impl]:.2f} | {result['tokens_per_second'][impl]:.1f} | "
-                     f"{result['peak_extra_gib'][impl]:.2f} |")
-    table.append(f"\nSpeed-up: {result['speedup']:.1f}x ({result['date']}, {result['machine']}, "
-                 f"torch {torch.__version__}, transformers {transformers.__version__})")
-    (RESULTS / "cpu_reference.md").write_text("\n".join(table) + "\n")
-    print("\n".join(table))
+    write_json(args.out, "cpu_reference", result, indent=2)
+    lines = markdown_table(
+        ["implementation", "step (s)", "tokens/s", "peak extra memory (GiB)"],
+        [[impl, f"{best[impl]:.2f}", f"{result['tokens_per_second'][impl]:.1f}",
+          f"{result['peak_extra_gib'][impl]:.2f}"] for impl in ("transformers", "mamba-ft")])
+    lines += ["", f"Speed-up: {result['speedup']:.1f}x ({result['date']}, {result['machine']}, "
+                  f"torch {torch.__version__}, transformers {transformers.__version__})"]
+    print(write_markdown(args.out, "cpu_reference", lines), end="")
 
 
 if __name__ == "__main__":

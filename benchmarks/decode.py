@@ -14,20 +14,15 @@ Writes decode.json and decode.md under --out.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import sys
-import time
 from pathlib import Path
 
-# Same reason as in train_throughput.py: keep this folder off sys.path's front.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+import torch
 
-import torch  # noqa: E402
-import triton  # noqa: E402
+from mamba_ft.models import load_model
 
-from mamba_ft.models import load_model  # noqa: E402
+from bench_common import (RESULTS_DIR, device_and_versions, gpu_run_info, markdown_table,
+                          wall_seconds_per_call, write_json, write_markdown)
 
 SHAPES = {"130m": (768, 24), "1.4b": (2048, 48)}
 
@@ -37,26 +32,21 @@ def generate_speed(model, batch, prompt, new_tokens, path):
     ids = torch.randint(0, 50280, (batch, prompt), device="cuda")
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
               pad_token_id=0)
+    outputs = []  # the timed call's tokens, which main compares across the two paths
     with torch.no_grad():
         model.generate(ids, **dict(kw, max_new_tokens=8, min_new_tokens=8))  # warm-up
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = model.generate(ids, **kw)
-        torch.cuda.synchronize()
-    secs = time.perf_counter() - t0
+        secs = wall_seconds_per_call(lambda: outputs.append(model.generate(ids, **kw)), 1, warmup=0)
     os.environ["MAMBA_FT_OPS"] = "auto"
     return dict(tokens_per_s_per_sequence=new_tokens / secs,
-                tokens_per_s=batch * new_tokens / secs, sequences=out)
+                tokens_per_s=batch * new_tokens / secs, sequences=outputs[0])
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args()
-    info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-                device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__)
+    info = gpu_run_info()
     rows = []
     for name, (hidden, layers) in SHAPES.items():
         config = dict(model_type="mamba", vocab_size=50280, hidden_size=hidden,
@@ -73,20 +63,17 @@ def main():
             print(row, flush=True)
         del model
         torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode.json").write_text(json.dumps(dict(info=info, rows=rows), indent=1))
-    lines = [f"Device: {info['device']}; torch {info['torch']}, Triton {info['triton']}; "
-             f"{info['date']}; bf16 autocast, greedy, 64-token prompt, {args.new_tokens} new "
-             f"tokens, random init.", "",
-             "| model | batch | kernels tokens/s | reference tokens/s | speed-up | same tokens |",
-             "|---|---|---|---|---|---|"]
+    write_json(args.out, "decode", dict(info=info, rows=rows))
+    lines = [f"{device_and_versions(info)}; {info['date']}; bf16 autocast, greedy, 64-token "
+             f"prompt, {args.new_tokens} new tokens, random init.", ""]
+    table = []
     for r in rows:
         k, ref = r["kernels"]["tokens_per_s"], r["reference"]["tokens_per_s"]
-        lines.append(f"| {r['model']} | {r['batch']} | {k:,.0f} | {ref:,.0f} | {k / ref:.2f}x | "
-                     f"{r['same_tokens']} |")
-    md = "\n".join(lines) + "\n"
-    (args.out / "decode.md").write_text(md)
-    print(md)
+        table.append([r["model"], r["batch"], f"{k:,.0f}", f"{ref:,.0f}", f"{k / ref:.2f}x",
+                      r["same_tokens"]])
+    lines += markdown_table(["model", "batch", "kernels tokens/s", "reference tokens/s",
+                             "speed-up", "same tokens"], table)
+    print(write_markdown(args.out, "decode", lines))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ its error, and the other runs go on.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
@@ -32,13 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this folder is sys.path[0], and benchmarks/kernels.py would then be importable as a
-# top-level `kernels`, shadowing the Hugging Face package of that name: drop the folder.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+import torch
 
-import torch  # noqa: E402
+from mamba_ft.distributed import run_launcher
 
-from mamba_ft.distributed import run_launcher  # noqa: E402
+from bench_common import (RESULTS_DIR, gpu_run_info, markdown_table, wall_seconds_per_call, write_json,
+                          write_markdown)
 
 SHAPES = {
     "1.4b": dict(hidden_size=2048, num_hidden_layers=48, vocab_size=50280),
@@ -114,17 +112,16 @@ def _measure(args, rank: int, world: int, local: int, device: torch.device, on_c
 
     for _ in range(args.warmup):  # Triton compiles here
         step()
-    if on_cuda:
+    if on_cuda:  # the peak is of the timed steps, not of the warm-up's compiling
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    dist.barrier()
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if on_cuda:
-        torch.cuda.synchronize()
-    dist.barrier()
-    step_s = (time.perf_counter() - started) / args.steps
+
+    def synchronize():  # every process starts the clock together, and stops it with the slowest
+        if on_cuda:
+            torch.cuda.synchronize()
+        dist.barrier()
+
+    step_s = wall_seconds_per_call(step, args.steps, warmup=0, synchronize=synchronize)
     if on_cuda:
         peak = torch.cuda.max_memory_allocated(device) / 2**30
     else:
@@ -171,7 +168,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--timeout", type=float, default=150, help="seconds per launch at most")
     p.add_argument("--budget", type=float, default=600, help="seconds for all launches together")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--cpu-dry-run", action="store_true", help="gloo, a tiny model: check the script")
     p.add_argument("--shape", choices=list(SHAPES), default=None)
     p.add_argument("--worker", choices=["single", "ddp", "fsdp2"], help=argparse.SUPPRESS)
@@ -181,17 +178,14 @@ def main(argv=None):
     if args.worker:
         return worker(args)
 
-    import triton
-
-    info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-                device="CPU (dry run, gloo)" if args.cpu_dry_run else torch.cuda.get_device_name(),
-                gpus_visible=0 if args.cpu_dry_run else torch.cuda.device_count(),
-                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-                nccl=".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
-                shape=args.shape, batch_per_gpu=args.batch, L=args.L, steps=args.steps,
-                lora="all targets, rank 8", precision="fp32 params, bf16 autocast",
-                env={k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
-                                                    "NVSHMEM_DISABLE_NVLS")})
+    info = gpu_run_info(
+        device="CPU (dry run, gloo)" if args.cpu_dry_run else None,
+        gpus_visible=0 if args.cpu_dry_run else torch.cuda.device_count(),
+        nccl=".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
+        shape=args.shape, batch_per_gpu=args.batch, L=args.L, steps=args.steps,
+        lora="all targets, rank 8", precision="fp32 params, bf16 autocast",
+        env={k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+                                            "NVSHMEM_DISABLE_NVLS")})
     rows = []
     deadline = time.monotonic() + args.budget
     for kind, nproc in (("single", 1), ("ddp", args.gpus), ("fsdp2", args.gpus)):
@@ -204,28 +198,25 @@ def main(argv=None):
     for r in rows:
         if single and "error" not in r and r["run"] != "single":
             r["scaling_efficiency"] = r["tokens_per_s"] / (r["gpus"] * single["tokens_per_s"])
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "distributed.json").write_text(json.dumps(dict(info=info, rows=rows), indent=1))
-    md = _markdown(info, rows)
-    (args.out / "distributed.md").write_text(md)
-    print(md)
+    write_json(args.out, "distributed", dict(info=info, rows=rows))
+    print(write_markdown(args.out, "distributed", _markdown(info, rows)))
 
 
-def _markdown(info: dict, rows: list[dict]) -> str:
+def _markdown(info: dict, rows: list[dict]) -> list[str]:
     lines = [f"Device: {info['device']} x {info['gpus_visible']}; torch {info['torch']}, Triton {info['triton']}, "
              f"NCCL {info['nccl']}; {info['date']}. Mamba-{info['shape']} shape, random init, LoRA "
              f"{info['lora']}, {info['precision']}, AdamW, L={info['L']}, {info['batch_per_gpu']} sequences "
-             f"per GPU, {info['steps']} timed steps.", "",
-             "| run | GPUs | tokens/s | scaling efficiency | step s | peak GiB per GPU |",
-             "|---|---|---|---|---|---|"]
+             f"per GPU, {info['steps']} timed steps.", ""]
+    table = []
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['run']} | {r['gpus']} | {r['error']} | | | |")
+            table.append([r["run"], r["gpus"], r["error"], "", "", ""])
             continue
         eff = f"{100 * r['scaling_efficiency']:.1f}%" if "scaling_efficiency" in r else "(baseline)"
-        lines.append(f"| {r['run']} | {r['gpus']} | {r['tokens_per_s']:,.0f} | {eff} | {r['step_s']:.3f} | "
-                     f"{r['peak_GiB_per_gpu']:.1f} |")
-    return "\n".join(lines) + "\n"
+        table.append([r["run"], r["gpus"], f"{r['tokens_per_s']:,.0f}", eff, f"{r['step_s']:.3f}",
+                      f"{r['peak_GiB_per_gpu']:.1f}"])
+    return lines + markdown_table(["run", "GPUs", "tokens/s", "scaling efficiency", "step s",
+                                   "peak GiB per GPU"], table)
 
 
 if __name__ == "__main__":

@@ -16,21 +16,15 @@ Writes profile_step.json and profile_step.md under --out.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
-# Same reason as in train_throughput.py: keep this folder off sys.path's front.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-sys.path.insert(0, str(Path(__file__).parent.parent))
+import torch
+from torch.profiler import ProfilerActivity, profile
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
-from benchmarks.train_throughput import make_step, seconds_per_step  # noqa: E402
+from bench_common import (RESULTS_DIR, device_and_versions, gpu_run_info, markdown_table,
+                          wall_seconds_per_call, write_json, write_markdown)
+from train_throughput import make_step
 
 # Kernel name fragments -> kind, first match wins. Matmuls come from cuBLAS (nvjet, sm90_xmma,
 # cutlass, gemm); the scan and conv are mamba-ft's Triton kernels.
@@ -57,7 +51,7 @@ def kind_of(name: str) -> str:
 
 def profile_run(model, mode, batch, ops, L, steps):
     step, _, _ = make_step(model, mode, ops, batch, L)
-    wall_ms = seconds_per_step(step, steps) * 1e3
+    wall_ms = wall_seconds_per_call(step, steps) * 1e3
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
@@ -92,15 +86,13 @@ def main():
     p.add_argument("--L", type=int, default=2048)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args()
     runs = args.run or ["130m:full:8", "1.4b:lora:2"]
-    info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-                device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, cuda=torch.version.cuda)
+    info = gpu_run_info()
     results = []
-    lines = [f"Device: {info['device']}; torch {info['torch']}, Triton {info['triton']}; "
-             f"{info['date']}; bf16 autocast, AdamW, L={args.L}, random init.", ""]
+    lines = [f"{device_and_versions(info)}; {info['date']}; bf16 autocast, AdamW, L={args.L}, "
+             "random init.", ""]
     for spec in runs:
         model, mode, batch, *ops = spec.split(":")
         ops = ops[0] if ops else "fused"
@@ -111,20 +103,21 @@ def main():
         lines += [f"## {model} {mode} ({ops}), batch {batch}: {total:.1f} ms of kernels per step", "",
                   f"Wall time per step (no profiler): {r['wall_ms_per_step']:.1f} ms; host time "
                   f"of the step's ops (profiled, which slows the host somewhat): "
-                  f"{r['host_ms_per_step']:.1f} ms.", "",
-                  "| kind | ms per step | share |", "|---|---|---|"]
-        lines += [f"| {k} | {v:.2f} | {v / total:.1%} |" for k, v in r["kinds"].items()]
-        lines += ["", "| kernel | kind | calls | ms per step | share |", "|---|---|---|---|---|"]
-        for k in r["kernels"][:args.top]:
-            lines.append(f"| `{k['name'][:90]}` | {k['kind']} | {k['calls_per_step']:.0f} | "
-                         f"{k['ms_per_step']:.2f} | {k['ms_per_step'] / total:.1%} |")
-        lines += ["", "| host op (self time) | ms per step |", "|---|---|"]
-        lines += [f"| `{h['name'][:80]}` | {h['ms_per_step']:.2f} |" for h in r["host_ops"][:12]]
+                  f"{r['host_ms_per_step']:.1f} ms.", ""]
+        lines += markdown_table(["kind", "ms per step", "share"],
+                                [[k, f"{v:.2f}", f"{v / total:.1%}"] for k, v in r["kinds"].items()])
+        lines += [""] + markdown_table(
+            ["kernel", "kind", "calls", "ms per step", "share"],
+            [[f"`{k['name'][:90]}`", k["kind"], f"{k['calls_per_step']:.0f}",
+              f"{k['ms_per_step']:.2f}", f"{k['ms_per_step'] / total:.1%}"]
+             for k in r["kernels"][:args.top]])
+        lines += [""] + markdown_table(
+            ["host op (self time)", "ms per step"],
+            [[f"`{h['name'][:80]}`", f"{h['ms_per_step']:.2f}"] for h in r["host_ops"][:12]])
         lines.append("")
         print("\n".join(lines[-(args.top + 40):]), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "profile_step.json").write_text(json.dumps(dict(info=info, runs=results), indent=1))
-    (args.out / "profile_step.md").write_text("\n".join(lines) + "\n")
+    write_json(args.out, "profile_step", dict(info=info, runs=results))
+    write_markdown(args.out, "profile_step", lines)
 
 
 if __name__ == "__main__":

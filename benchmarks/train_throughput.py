@@ -19,23 +19,17 @@ Writes train_throughput.json and train_throughput.md under --out.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import os
-import sys
-import time
 from pathlib import Path
 
-# Run as a script, this folder is sys.path[0], and benchmarks/kernels.py would then be importable as a
-# top-level `kernels`, shadowing the Hugging Face package of that name: drop the folder.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-
-import torch  # noqa: E402
-import triton
+import torch
 
 from mamba_ft.loss import next_token_loss_sum
 from mamba_ft.models import load_model, set_recompute_ssm
+
+from bench_common import (RESULTS_DIR, device_and_versions, gpu_run_info, markdown_table,
+                          wall_seconds_per_call, write_json, write_markdown)
 
 MODELS = {
     "130m": dict(hidden_size=768, num_hidden_layers=24, batch=8),
@@ -117,18 +111,6 @@ def make_step(name, mode, path, batch, L):
     return step, trainable, losses
 
 
-def seconds_per_step(step, steps, warmup=3) -> float:
-    """Wall seconds per step after `warmup` untimed steps (the GPU drained around the timing)."""
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
-
-
 def run(name, mode, path, batch, L, steps, warmup):
     # The previous run's model can still be alive in a reference cycle (adapter hooks): free it
     # before measuring this run's peak, or that peak includes it.
@@ -136,7 +118,7 @@ def run(name, mode, path, batch, L, steps, warmup):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     step, trainable, losses = make_step(name, mode, path, batch, L)
-    secs = seconds_per_step(step, steps, warmup)
+    secs = wall_seconds_per_call(step, steps, warmup)
     peak = torch.cuda.max_memory_allocated() / 2**30
     os.environ["MAMBA_FT_OPS"] = "auto"
     return dict(model=name, mode=mode, ops=path, batch=batch, L=L, steps=steps,
@@ -151,11 +133,9 @@ def main():
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--L", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args()
-    info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-                device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, cuda=torch.version.cuda)
+    info = gpu_run_info()
     rows = []
     for name, mode, path, batch in RUNS:
         if ((args.only and name != args.only) or (args.ops and path not in args.ops)
@@ -174,22 +154,16 @@ def main():
                        error=f"{type(exc).__name__}: {str(exc)[:300]}")
         rows.append(row)
         print(row, flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train_throughput.json").write_text(json.dumps(dict(info=info, rows=rows), indent=1))
-    lines = [f"Device: {info['device']}; torch {info['torch']}, Triton {info['triton']}; "
-             f"{info['date']}; bf16 autocast, AdamW, L={args.L}, random init.", "",
-             "| model | mode | ops | batch | tokens/s | peak GiB | trainable params |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['model']} | {r['mode']} | {r['ops']} | {r['batch']} | "
-                         f"{r['error']} | | |")
-        else:
-            lines.append(f"| {r['model']} | {r['mode']} | {r['ops']} | {r['batch']} | "
-                         f"{r['tokens_per_s']:,.0f} | {r['peak_GiB']:.1f} | {r['trainable']:,} |")
-    md = "\n".join(lines) + "\n"
-    (args.out / "train_throughput.md").write_text(md)
-    print(md)
+    write_json(args.out, "train_throughput", dict(info=info, rows=rows))
+    lines = [f"{device_and_versions(info)}; {info['date']}; bf16 autocast, AdamW, L={args.L}, "
+             "random init.", ""]
+    lines += markdown_table(
+        ["model", "mode", "ops", "batch", "tokens/s", "peak GiB", "trainable params"],
+        [[r["model"], r["mode"], r["ops"], r["batch"]]
+         + ([r["error"], "", ""] if "error" in r else
+            [f"{r['tokens_per_s']:,.0f}", f"{r['peak_GiB']:.1f}", f"{r['trainable']:,}"])
+         for r in rows])
+    print(write_markdown(args.out, "train_throughput", lines))
 
 
 if __name__ == "__main__":

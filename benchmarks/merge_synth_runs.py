@@ -7,16 +7,16 @@ on the GPU; every part uses the recipe's seed and data, and a model's training d
 which other models are in the sweep. This script checks that each part is the recipe with only
 the sweep narrowed, then writes the parts' runs in the recipe's own model order, with each model's training log.
 
-    python benchmarks/results/synth-gpu/merge_runs.py RECIPE OUT_DIR PART_DIR...
+    python benchmarks/merge_synth_runs.py RECIPE OUT_DIR PART_DIR...
 
 `seconds` becomes the longest part's wall time (they ran at the same time).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 from mamba_ft.synthetic import report
@@ -56,8 +56,15 @@ def merge(recipe: str, out: Path, parts: list[Path]) -> dict:
     return merged
 
 
-if __name__ == "__main__":
-    if len(sys.argv) < 4:
-        raise SystemExit(__doc__)
-    m = merge(sys.argv[1], Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]])
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="the recipe the parts ran, e.g. recipes/synthetic/mqar_gpu.yaml")
+    p.add_argument("out", type=Path, help="where the merged results go")
+    p.add_argument("parts", type=Path, nargs="+", help="the parts' --out folders")
+    args = p.parse_args()
+    m = merge(args.recipe, args.out, args.parts)
     print(f"merged {len(m['runs'])} runs; missing: {m['missing'] or 'none'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,7 @@ the pure-PyTorch reference and, when available, mamba_ssm's CUDA `selective_scan
 (`--mamba-ssm-src` points at an unpacked mamba-ssm source tree; its `selective_scan_cuda`
 extension is then built for sm_90 only).
 
-    python benchmarks/kernels.py [--mamba-ssm-src DIR] [--sweep] [--out benchmarks/results]
+    python benchmarks/kernel_speed.py [--mamba-ssm-src DIR] [--sweep] [--out benchmarks/results]
 
 Writes kernels.json and kernels.md under --out.
 """
@@ -17,8 +17,6 @@ Writes kernels.json and kernels.md under --out.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import platform
 import sys
@@ -26,17 +24,14 @@ import time
 import types
 from pathlib import Path
 
-# Run as a script, this folder is sys.path[0], and this file would then be importable as a
-# top-level `kernels`, shadowing the Hugging Face package of that name: drop the folder.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-
-import torch  # noqa: E402
-import triton
-from triton.testing import do_bench, do_bench_cudagraph
+import torch
 
 from mamba_ft import reference
 from mamba_ft.kernels import causal_conv1d as conv_mod
 from mamba_ft.kernels import selective_scan as scan_mod
+
+from bench_common import (RESULTS_DIR, device_and_versions, gpu_run_info, markdown_table,
+                          median_gpu_ms, median_graph_replay_ms, write_json, write_markdown)
 
 SCAN_SHAPES = [(8, 1536, 2048, 16), (4, 4096, 2048, 16)]
 
@@ -88,8 +83,7 @@ def scan_inputs(batch, d, L, N, seed=0):
 def time_scan(fn, inputs, backward: bool, rep=200):
     if not backward:
         with torch.no_grad():
-            return do_bench(lambda: fn(**inputs, delta_softplus=True), warmup=25, rep=rep,
-                            return_mode="median")
+            return median_gpu_ms(lambda: fn(**inputs, delta_softplus=True), rep=rep)
     leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}
     grad_out = torch.randn_like(leaves["u"])
 
@@ -97,7 +91,7 @@ def time_scan(fn, inputs, backward: bool, rep=200):
         y = fn(**leaves, delta_softplus=True)
         torch.autograd.grad(y, list(leaves.values()), grad_out)
 
-    return do_bench(step, warmup=25, rep=rep, return_mode="median")
+    return median_gpu_ms(step, rep=rep)
 
 
 def bench_scan(mamba_ssm_fn):
@@ -178,7 +172,7 @@ def compiled_kernel_stats():
 
 def bench_conv():
     # Timed as CUDA-graph replays: the conv's GPU time (tens of microseconds) is shorter than
-    # the host's time to launch it through autograd, which do_bench would measure instead.
+    # the host's time to launch it through autograd, which median_gpu_ms would measure instead.
     rows = []
     for batch, d, L, width in [(8, 1536, 2048, 4), (4, 4096, 2048, 4)]:
         x = torch.randn(batch, d, L, device="cuda", dtype=torch.bfloat16)
@@ -187,11 +181,10 @@ def bench_conv():
         for name, fn in (("mamba-ft triton", conv_mod.causal_conv1d_fn),
                          ("pytorch reference", reference.causal_conv1d)):
             with torch.no_grad():
-                fwd = do_bench_cudagraph(lambda: fn(x, w, b), rep=100, return_mode="median")
+                fwd = median_graph_replay_ms(lambda: fn(x, w, b))
             leaves = [t.detach().requires_grad_() for t in (x, w, b)]
             g = torch.randn_like(x)
-            fb = do_bench_cudagraph(lambda: torch.autograd.grad(fn(*leaves), leaves, g), rep=100,
-                                    return_mode="median")
+            fb = median_graph_replay_ms(lambda: torch.autograd.grad(fn(*leaves), leaves, g))
             # Fewest bytes: read x, write y (forward); + read x, dy, write dx (backward).
             rows.append(dict(kind="causal_conv1d", impl=name, batch=batch, d=d, L=L,
                              width=width, fwd_ms=fwd, fwd_bwd_ms=fb,
@@ -205,42 +198,32 @@ def bench_conv():
 def copy_bandwidth():
     x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda")
     y = torch.empty_like(x)
-    ms = do_bench(lambda: y.copy_(x), warmup=10, rep=50, return_mode="median")
+    ms = median_gpu_ms(lambda: y.copy_(x), warmup=10, rep=50)
     return 2 * x.numel() * 2 / ms / 1e6
 
 
-def env_info(extra=None):
-    info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-                device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version())
-    info.update(extra or {})
-    return info
-
-
 def markdown(info, rows):
-    lines = [f"Device: {info['device']}; torch {info['torch']}, Triton {info['triton']}, "
-             f"CUDA {info['cuda']}; {info['date']}; copy bandwidth {info['copy_GBps']:.0f} GB/s "
-             f"(read + write).", ""]
-    lines += ["| op | impl | layout | shape (b, d, L, N/width) | fwd ms | fwd GB/s | fwd+bwd ms "
-              "| fwd+bwd GB/s |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["kind"] in ("selective_scan", "causal_conv1d"):
-            last = r.get("N", r.get("width"))
-            lines.append(f"| {r['kind']} | {r['impl']} | {r.get('layout', 'contiguous')} | "
-                         f"({r['batch']}, {r['d']}, {r['L']}, {last}) | {r['fwd_ms']:.3f} | "
-                         f"{r['fwd_GBps']:.0f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_GBps']:.0f} |")
+    lines = [f"{device_and_versions(info)}, CUDA {info['cuda']}; {info['date']}; copy bandwidth "
+             f"{info['copy_GBps']:.0f} GB/s (read + write).", ""]
+    lines += markdown_table(
+        ["op", "impl", "layout", "shape (b, d, L, N/width)", "fwd ms", "fwd GB/s", "fwd+bwd ms",
+         "fwd+bwd GB/s"],
+        [[r["kind"], r["impl"], r.get("layout", "contiguous"),
+          f"({r['batch']}, {r['d']}, {r['L']}, {r.get('N', r.get('width'))})", f"{r['fwd_ms']:.3f}",
+          f"{r['fwd_GBps']:.0f}", f"{r['fwd_bwd_ms']:.3f}", f"{r['fwd_bwd_GBps']:.0f}"]
+         for r in rows if r["kind"] in ("selective_scan", "causal_conv1d")])
     sweep = [r for r in rows if r["kind"] == "tile_sweep"]
     if sweep:
-        lines += ["", "| forward chunk | backward chunk | backward register cap | fwd ms | "
-                  "fwd+bwd ms |", "|---|---|---|---|---|"]
-        lines += [f"| {r['chunk']} | {r['bwd_chunk']} | {r['bwd_maxnreg'] or 'none'} | "
-                  f"{r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} |" for r in sweep]
+        lines += [""] + markdown_table(
+            ["forward chunk", "backward chunk", "backward register cap", "fwd ms", "fwd+bwd ms"],
+            [[r["chunk"], r["bwd_chunk"], r["bwd_maxnreg"] or "none", f"{r['fwd_ms']:.3f}",
+              f"{r['fwd_bwd_ms']:.3f}"] for r in sweep])
     agree = [r for r in rows if r["kind"] == "agreement"]
     if agree:
         lines += ["", "Forward agreement with mamba_ssm (bf16 outputs): " + "; ".join(
             f"b={r['batch']} d={r['d']} {r['layout']}: max |diff| {r['max_abs_diff']:.3g} "
             f"(max |y| {r['ref_max_abs']:.3g})" for r in agree)]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main():
@@ -248,7 +231,7 @@ def main():
     p.add_argument("--mamba-ssm-src", type=Path, default=None)
     p.add_argument("--sweep", action="store_true", help="also time other tile sizes")
     p.add_argument("--build-only", action="store_true", help="only build mamba_ssm's extension")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args()
     extra = {}
     mamba_ssm_fn = None
@@ -262,17 +245,15 @@ def main():
     if args.build_only:
         return
     extra["copy_GBps"] = copy_bandwidth()
-    info = env_info(extra)
+    info = gpu_run_info(python=platform.python_version(), **extra)
     rows = sweep_tiles() if args.sweep else []
     rows += bench_scan(mamba_ssm_fn) + bench_conv()
     info["compiled_scan_kernels"] = compiled_kernel_stats()
     for st in info["compiled_scan_kernels"]:
         print("compiled:", st, flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernels.json").write_text(json.dumps(dict(info=info, rows=rows), indent=1))
-    md = markdown(info, rows)
-    (args.out / "kernels.md").write_text(md)
-    print(md)
+    # kernels.json/.md: the names the results and docs/benchmarks.md have always used.
+    write_json(args.out, "kernels", dict(info=info, rows=rows))
+    print(write_markdown(args.out, "kernels", markdown(info, rows)))
 
 
 if __name__ == "__main__":
