@@ -8,7 +8,7 @@ grows with the GPUs). One step: forward, backward, gradient all-reduce (DDP) or 
 (FSDP2), AdamW.
 
 Runs, each a fresh `torchrun` launch: 1 GPU; DDP on --gpus GPUs (torch DDP, what Accelerate
-wraps the model in); FSDP2 on --gpus GPUs (mamba_ft.distributed.shard_model, what
+wraps the model in); FSDP2 on --gpus GPUs (mamba_ft.training.distributed.shard_model, what
 `mamba-ft train` does under configs/accelerate/fsdp2.yaml). DDP scaling efficiency is
 tokens/s on N GPUs / (N x tokens/s on 1 GPU).
 
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from mamba_ft.distributed import run_launcher
+from mamba_ft.training.distributed import run_launcher
 
 from bench_common import (RESULTS_DIR, gpu_run_info, markdown_table, wall_seconds_per_call, write_json,
                           write_markdown)
@@ -83,7 +83,7 @@ def _measure(args, rank: int, world: int, local: int, device: torch.device, on_c
     """Build the model for this run's kind, time its steps; this process's row."""
     import torch.distributed as dist
 
-    from mamba_ft import distributed as mft_dist
+    from mamba_ft.training import distributed as mft_dist
     from mamba_ft.adapters import AdapterConfig, attach_adapters
 
     t0 = time.perf_counter()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from mamba_ft import reference
+from mamba_ft.ops import reference
 from mamba_ft.kernels import causal_conv1d as conv_mod
 from mamba_ft.kernels import selective_scan as scan_mod
 

@@ -7,7 +7,7 @@ forward + backward + AdamW under bf16 autocast at L 2048, on random token ids.
 Runs: full fine-tuning and LoRA on all targets (rank 8) through the fused kernels, with and
 without recomputing the SSM branch in the backward (`set_recompute_ssm`), LoRA with the frozen
 base weights stored in bf16 (`adapter.frozen_dtype: bfloat16`), and with the forward and
-backward replayed as one CUDA graph (`run.cuda_graphs`, mamba_ft.cuda_graph); the pure-PyTorch
+backward replayed as one CUDA graph (`run.cuda_graphs`, mamba_ft.training.cuda_graph); the pure-PyTorch
 reference path (`MAMBA_FT_OPS=reference`) for Mamba-130m as a baseline. The ops column names
 the path and its options joined by "+".
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from mamba_ft.loss import next_token_loss_sum
+from mamba_ft.training.loss import next_token_loss_sum
 from mamba_ft.models import load_model, set_recompute_ssm
 
 from bench_common import (RESULTS_DIR, device_and_versions, gpu_run_info, markdown_table,
@@ -86,7 +86,7 @@ def make_step(name, mode, path, batch, L):
     losses = []
 
     def micro_step(batch, scale):
-        # The loss as mamba-ft's training loop computes it (mamba_ft.loss: fp32 cross-entropy
+        # The loss as mamba-ft's training loop computes it (mamba_ft.training.loss: fp32 cross-entropy
         # over the shifted logits, chunked), not transformers' `labels=` path.
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(input_ids=batch["input_ids"]).logits
@@ -95,7 +95,7 @@ def make_step(name, mode, path, batch, L):
         return loss_sum
 
     if "graph" in options:
-        from mamba_ft.cuda_graph import GraphedMicroStep
+        from mamba_ft.training.cuda_graph import GraphedMicroStep
 
         run_micro_step = GraphedMicroStep(micro_step, params, ids.device)
     else:

@@ -13,14 +13,33 @@ from mamba_ft.errors import UserError
 
 
 def _train(args):
-    from mamba_ft.train import train_from_recipe
+    from mamba_ft.training.loop import train_from_recipe
 
     train_from_recipe(args.recipe, args.overrides)
 
 
-def _validate(args):
-    from mamba_ft.recipe import validate_file
+def validate_file(path, overrides: list[str] | None = None) -> tuple[str, str]:
+    """What `mamba-ft validate` checks: a training recipe, or a synthetic spec (a mapping with
+    `task` and no `model`: `mamba-ft synth`'s files), checked fully without running it.
+    Returns (which of the two it is, the resolved YAML)."""
+    from pathlib import Path
 
+    import yaml
+
+    from mamba_ft.recipe import load_recipe, read_yaml_mapping
+
+    path = Path(path)
+    if path.is_file():
+        data = read_yaml_mapping(path, "Recipe", "sections: model, data, run, ...")
+        if "task" in data and "model" not in data:
+            from mamba_ft.synthetic.spec import load_spec
+
+            spec = load_spec(str(path), overrides)
+            return "synthetic spec (mamba-ft synth)", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    return "training recipe (mamba-ft train)", load_recipe(path, overrides).to_yaml()
+
+
+def _validate(args):
     kind, resolved = validate_file(args.recipe, args.overrides)
     print(f"# {args.recipe}: a valid {kind}, resolved")
     print(resolved, end="")

@@ -67,7 +67,7 @@ def load_rows(source, what: str):
     import datasets
 
     if source.icl_rules is not None:
-        from mamba_ft.synthetic.icl_rules import make_corpus
+        from mamba_ft.rules import make_corpus
 
         gen = source.icl_rules
         texts = make_corpus(gen.seed, gen.n_documents, (gen.min_demos, gen.max_demos),

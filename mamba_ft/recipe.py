@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mamba_ft.adapters import AdapterConfig
 from mamba_ft.errors import UserError, did_you_mean
-from mamba_ft.evaluation.sweep import IclSweepConfig
 
 
 class Section(BaseModel):
@@ -42,7 +41,7 @@ class PrecisionSection(Section):
 
 
 class IclRulesData(Section):
-    """Generate the in-context rule-learning corpus (mamba_ft.synthetic.icl_rules) in memory."""
+    """Generate the in-context rule-learning corpus (mamba_ft.rules) in memory."""
 
     n_documents: int = Field(gt=0)
     seed: int = 0
@@ -121,6 +120,31 @@ class LoggingSection(Section):
     wandb_project: str | None = None
 
 
+# The ICL sweep's defaults; evaluation reads them from here.
+DEFAULT_SHOTS = (0, 1, 3, 5)
+DEFAULT_SEEDS = (1234, 1235, 1236)
+
+
+class IclSweepConfig(BaseModel):
+    """A recipe's `evaluation.icl_sweep` section: the sweep to run after training.
+
+    The fine-tuned model is evaluated in memory as "fine-tuned"; with `compare_base` its base
+    checkpoint is evaluated too (the "before" numbers, without training twice); `baselines`
+    adds other models (label -> path), e.g. a Transformer fine-tuned the same way, and the
+    first of them is what ratios divide by (else the base model).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[str] = ["mamba_ft_icl"]
+    shots: list[int] = list(DEFAULT_SHOTS)
+    seeds: list[int] = list(DEFAULT_SEEDS)
+    limit: int | float | None = None
+    compare_base: bool = True
+    baselines: dict[str, str] = {}
+    batch_size: int = Field(8, gt=0)
+
+
 class IclRulesEval(Section):
     """Few-shot accuracy on held-out icl_rules queries, scored by choosing among rule outputs."""
 
@@ -185,21 +209,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     for item in overrides or []:
         apply_override(data, item)
     return validate_recipe(data, where=str(path))
-
-
-def validate_file(path: str | Path, overrides: list[str] | None = None) -> tuple[str, str]:
-    """What `mamba-ft validate` checks: a training recipe, or a synthetic spec (a mapping with
-    `task` and no `model`: `mamba-ft synth`'s files), checked fully without running it.
-    Returns (which of the two it is, the resolved YAML)."""
-    path = Path(path)
-    if path.is_file():
-        data = read_yaml_mapping(path, "Recipe", "sections: model, data, run, ...")
-        if "task" in data and "model" not in data:
-            from mamba_ft.synthetic.spec import load_spec
-
-            spec = load_spec(str(path), overrides)
-            return "synthetic spec (mamba-ft synth)", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-    return "training recipe (mamba-ft train)", load_recipe(path, overrides).to_yaml()
 
 
 def read_yaml_mapping(path: Path, what: str, expected: str) -> dict:

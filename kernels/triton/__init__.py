@@ -38,7 +38,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
 
 def causal_conv1d_fn(x, weight, bias=None, initial_state=None, reset=None, activation="silu",
                      return_final_state=False):
-    """Causal depthwise conv1d, same semantics as `mamba_ft.reference.causal_conv1d`."""
+    """Causal depthwise conv1d, same semantics as `mamba_ft.ops.reference.causal_conv1d`."""
     from mamba_ft.kernels.causal_conv1d import causal_conv1d_fn as fn
 
     return fn(x, weight, bias, initial_state=initial_state, reset=reset, activation=activation,
@@ -62,7 +62,7 @@ def causal_conv1d_step(x, conv_state, weight, bias=None, activation="silu"):
 
 
 def rms_norm_fn(x, weight, eps):
-    """RMSNorm over the last axis, same semantics as `mamba_ft.reference.rms_norm`."""
+    """RMSNorm over the last axis, same semantics as `mamba_ft.ops.reference.rms_norm`."""
     from mamba_ft.kernels.rms_norm import rms_norm_fn as fn
 
     return fn(x, weight, eps)

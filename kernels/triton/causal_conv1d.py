@@ -1,6 +1,6 @@
 """Causal depthwise conv1d in Triton, forward and backward (widths up to 4), fp32 arithmetic.
 
-Semantics are exactly `mamba_ft.reference.causal_conv1d`: x (batch, d, L), weight (d, width),
+Semantics are exactly `mamba_ft.ops.reference.causal_conv1d`: x (batch, d, L), weight (d, width),
 optional bias (d,), initial_state (batch, d, width - 1) holding the inputs before position 0,
 reset (batch, L) bool document starts (tap k of position t is used only if no document starts
 in (t - k, t]), optional SiLU.
@@ -290,7 +290,7 @@ class CausalConv1dFn(torch.autograd.Function):
 
 def causal_conv1d_fn(x, weight, bias=None, initial_state=None, reset=None, activation="silu",
                      return_final_state=False):
-    """Drop-in for `mamba_ft.reference.causal_conv1d` (fused Triton forward and backward)."""
+    """Drop-in for `mamba_ft.ops.reference.causal_conv1d` (fused Triton forward and backward)."""
     if activation not in ("silu", None):
         raise ValueError(f"unsupported activation {activation!r}")
     width = weight.shape[-1]

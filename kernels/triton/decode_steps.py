@@ -1,7 +1,7 @@
 """One-token decoding steps in Triton: the conv window and the recurrent state advance by one.
 
-Semantics are exactly `mamba_ft.reference.causal_conv1d_step` and
-`mamba_ft.reference.selective_state_step` (nothing is updated in place; the new state comes
+Semantics are exactly `mamba_ft.ops.reference.causal_conv1d_step` and
+`mamba_ft.ops.reference.selective_state_step` (nothing is updated in place; the new state comes
 back as a new tensor). Decoding one token is a handful of tiny elementwise ops per layer, so
 its cost is kernel launches: each step here is one launch where the reference issues about a
 dozen. Forward only: `mamba_ft.ops` uses these when no gradient is needed (generation,
@@ -92,7 +92,7 @@ _BLOCK_D = 64
 
 
 def causal_conv1d_step(x, conv_state, weight, bias=None, activation="silu"):
-    """Drop-in for `mamba_ft.reference.causal_conv1d_step` (no gradient)."""
+    """Drop-in for `mamba_ft.ops.reference.causal_conv1d_step` (no gradient)."""
     if activation not in ("silu", None):
         raise ValueError(f"unsupported activation {activation!r}")
     batch, d = x.shape
@@ -112,7 +112,7 @@ def causal_conv1d_step(x, conv_state, weight, bias=None, activation="silu"):
 
 def selective_state_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
                          delta_softplus=False):
-    """Drop-in for `mamba_ft.reference.selective_state_step` (no gradient)."""
+    """Drop-in for `mamba_ft.ops.reference.selective_state_step` (no gradient)."""
     batch, d = u.shape
     N = A.shape[1]
     A = A.float().contiguous()

@@ -1,6 +1,6 @@
 """RMSNorm in Triton, forward and backward: transformers' `MambaRMSNorm`, one kernel each way.
 
-Semantics are exactly `mamba_ft.reference.rms_norm` (transformers' formula): statistics in
+Semantics are exactly `mamba_ft.ops.reference.rms_norm` (transformers' formula): statistics in
 fp32, the normalised input cast back to the input's dtype, then scaled by the weight. The
 eager version is five elementwise passes and a reduction forward and about twice that
 backward over a (tokens, hidden) fp32 tensor per block; here each direction is one pass. The
@@ -104,5 +104,5 @@ class RMSNormFn(torch.autograd.Function):
 
 
 def rms_norm_fn(x, weight, eps):
-    """Drop-in for `mamba_ft.reference.rms_norm`."""
+    """Drop-in for `mamba_ft.ops.reference.rms_norm`."""
     return RMSNormFn.apply(x, weight, eps)

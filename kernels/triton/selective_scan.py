@@ -1,6 +1,6 @@
 """Selective scan (Mamba-1 S6) in Triton: chunked forward and backward, state in fp32.
 
-Semantics are exactly `mamba_ft.reference.selective_scan` (mamba_ssm's layouts):
+Semantics are exactly `mamba_ft.ops.reference.selective_scan` (mamba_ssm's layouts):
   u, delta, z: (batch, d, L)   A: (d, N) fp32   B, C: (batch, N, L)   D, delta_bias: (d,)
   initial_state / last state: (batch, d, N) fp32   reset: (batch, L) bool document starts.
 Any strides are accepted; time-contiguous (batch, d, L) tensors load fastest, and that is the
@@ -552,7 +552,7 @@ class SelectiveScanFn(torch.autograd.Function):
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                       return_last_state=False, *, initial_state=None, reset=None):
     """Drop-in for mamba_ssm's `selective_scan_fn` (its positional order), with mamba-ft's
-    `initial_state` and `reset` keyword-only; semantics of `mamba_ft.reference.selective_scan`."""
+    `initial_state` and `reset` keyword-only; semantics of `mamba_ft.ops.reference.selective_scan`."""
     B, C = normalize_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, reset)
     return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                  initial_state, reset, return_last_state)

@@ -26,36 +26,11 @@ from mamba_ft.adapters.lora import (
     module_key,
     remove_module_adapter,
 )
+from mamba_ft.adapters.report import AdapterReport, ReportRow
 from mamba_ft.errors import UserError
 from mamba_ft.models import mixers
 
 _ATTR = "mamba_ft_adapters"
-
-
-@dataclass
-class ReportRow:
-    target: str
-    modules: int
-    parameters: int
-
-
-@dataclass
-class AdapterReport:
-    rows: list[ReportRow]
-    base_parameters: int
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def trainable(self) -> int:
-        return sum(r.parameters for r in self.rows)
-
-    def format(self) -> str:
-        lines = [f"{'target':<14}{'modules':>9}{'parameters':>14}{'share of base':>16}"]
-        for r in self.rows + [ReportRow("total", sum(r.modules for r in self.rows), self.trainable)]:
-            share = 100.0 * r.parameters / max(self.base_parameters, 1)
-            lines.append(f"{r.target:<14}{r.modules:>9}{r.parameters:>14,}{share:>15.3f}%")
-        lines.append(f"base model: {self.base_parameters:,} parameters, frozen")
-        return "\n".join(lines + self.notes)
 
 
 @dataclass

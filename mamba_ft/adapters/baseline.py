@@ -13,7 +13,7 @@ import re
 
 from torch import nn
 
-from mamba_ft.adapters.attach import ReportRow
+from mamba_ft.adapters.report import ReportRow
 from mamba_ft.adapters.config import ALIASES, MAMBA_TARGETS, AdapterConfig
 from mamba_ft.errors import UserError, did_you_mean
 

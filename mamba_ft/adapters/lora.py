@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mamba_ft.mixer import MixerWeights
-from mamba_ft.projections import LowRankPath
+from mamba_ft.modules.mamba_mixer import MixerWeights
+from mamba_ft.ops.projections import LowRankPath
 
 
 class LowRankDelta(nn.Module):

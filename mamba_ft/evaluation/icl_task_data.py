@@ -2,7 +2,7 @@
 
 Run `python -m mamba_ft.evaluation.icl_task_data` to regenerate `mamba_ft/evaluation/tasks/
 icl_rules/`; the output depends only on the fixed seed below and on
-`mamba_ft.synthetic.icl_rules`, so the committed files are exactly what this script writes
+`mamba_ft.rules`, so the committed files are exactly what this script writes
 (a test checks that).
 
 Each task `icl_<rule>` is few-shot multiple choice. A document is a query word; its choices
@@ -25,7 +25,7 @@ import json
 import random
 from pathlib import Path
 
-from mamba_ft.synthetic.icl_rules import RULES, make_query
+from mamba_ft.rules import RULES, make_query
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks" / "icl_rules"
 TAG = "mamba_ft_icl"

@@ -6,7 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
-from mamba_ft.evaluation.sweep import SweepResult
+from mamba_ft.evaluation.result import SweepResult
 
 
 def write_report(result: SweepResult, out: Path) -> None:

@@ -23,16 +23,14 @@ import logging
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from mamba_ft.errors import UserError
+from mamba_ft.evaluation.result import SweepResult, sample_std
+from mamba_ft.recipe import DEFAULT_SEEDS, DEFAULT_SHOTS, IclSweepConfig
 
-DEFAULT_SHOTS = (0, 1, 3, 5)
-DEFAULT_SEEDS = (1234, 1235, 1236)
 OUTPUT_FILES = ("results.json", "results.md", "accuracy_vs_shots.png", "icl_gain.png")
 
 
@@ -50,49 +48,6 @@ class ModelSpec:
     adapter: str | None = None
     tokenizer: Any = None
     model: Any = field(default=None, repr=False)
-
-
-@dataclass
-class SweepResult:
-    models: dict[str, dict]  # label -> {source, adapter, is_mamba}
-    tasks: dict[str, str]  # task -> metric the gain uses
-    shots: list[int]
-    seeds: list[int]
-    limit: int | float | None
-    baseline: str | None
-    scores: list[dict]  # {model, task, shots, seed (None at 0 shots), metric, value}
-    gains: dict[str, dict] = field(default_factory=dict)  # label -> {mean, std, per_seed}
-    ratios: dict[str, dict] = field(default_factory=dict)  # label -> {ratio, per_seed, min, max}
-    out_dir: str | None = None
-
-    def score(self, model: str, task: str, shots: int, seed: int | None, metric: str | None = None) -> float:
-        metric = metric or self.tasks[task]
-        seed = None if shots == 0 else seed
-        for row in self.scores:
-            if (row["model"], row["task"], row["shots"], row["seed"], row["metric"]) == (model, task, shots, seed, metric):
-                return row["value"]
-        raise KeyError((model, task, shots, seed, metric))
-
-    def accuracy(self, model: str, task: str, shots: int) -> tuple[float, float]:
-        """Mean and standard deviation over seeds of the task's metric (std 0 at 0 shots)."""
-        values = [self.score(model, task, shots, seed) for seed in (self.seeds if shots else self.seeds[:1])]
-        return statistics.fmean(values), _std(values)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> SweepResult:
-        """The result a results.json holds (JSON turned the per-seed keys into strings)."""
-        data = dict(data)
-        for section in ("gains", "ratios"):
-            data[section] = {label: {**v, "per_seed": {int(k): x for k, x in v["per_seed"].items()}}
-                             for label, v in data[section].items()}
-        return cls(**data)
-
-
-def _std(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def run_icl_sweep(
@@ -295,7 +250,7 @@ def _add_gains(result: SweepResult) -> None:
                      for task in result.tasks for k in positive]
             per_seed[seed] = statistics.fmean(diffs)
         values = list(per_seed.values())
-        result.gains[label] = {"mean": statistics.fmean(values), "std": _std(values), "per_seed": per_seed}
+        result.gains[label] = {"mean": statistics.fmean(values), "std": sample_std(values), "per_seed": per_seed}
     if result.baseline is None:
         return
     base = result.gains[result.baseline]
@@ -311,26 +266,6 @@ def _add_gains(result: SweepResult) -> None:
             "min": min(finite) if finite else None,
             "max": max(finite) if finite else None,
         }
-
-
-class IclSweepConfig(BaseModel):
-    """A recipe's `evaluation.icl_sweep` section: the sweep to run after training.
-
-    The fine-tuned model is evaluated in memory as "fine-tuned"; with `compare_base` its base
-    checkpoint is evaluated too (the "before" numbers, without training twice); `baselines`
-    adds other models (label -> path), e.g. a Transformer fine-tuned the same way, and the
-    first of them is what ratios divide by (else the base model).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    tasks: list[str] = ["mamba_ft_icl"]
-    shots: list[int] = list(DEFAULT_SHOTS)
-    seeds: list[int] = list(DEFAULT_SEEDS)
-    limit: int | float | None = None
-    compare_base: bool = True
-    baselines: dict[str, str] = {}
-    batch_size: int = Field(8, gt=0)
 
 
 def run_after_training(config: IclSweepConfig, model, tokenizer, base_source: str | None,

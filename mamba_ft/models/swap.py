@@ -8,9 +8,8 @@ import torch
 from torch import nn
 from transformers.models.mamba.modeling_mamba import MambaMixer, MambaRMSNorm
 
-from mamba_ft import ops
 from mamba_ft.compat import warn_if_untested_transformers
-from mamba_ft.mixer import MambaFTMixer
+from mamba_ft.modules import MambaFTMixer, MambaFTRMSNorm
 
 
 def _swap(model: nn.Module, hf_class: type, replacement) -> int:
@@ -32,22 +31,6 @@ def swap_mixers(model: nn.Module) -> int:
     """
     warn_if_untested_transformers()
     return _swap(model, MambaMixer, MambaFTMixer)
-
-
-class MambaFTRMSNorm(nn.Module):
-    """transformers' MambaRMSNorm (same `weight` parameter object), through `mamba_ft.ops`:
-    one fused Triton kernel each way on CUDA, the same formula elsewhere."""
-
-    def __init__(self, hf_norm: nn.Module):
-        super().__init__()
-        self.weight = hf_norm.weight
-        self.variance_epsilon = hf_norm.variance_epsilon
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
-
-    def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
 def swap_norms(model: nn.Module) -> int:

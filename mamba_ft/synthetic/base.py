@@ -14,7 +14,7 @@ import dataclasses
 import random
 from dataclasses import dataclass
 
-from mamba_ft.errors import UserError, did_you_mean
+from mamba_ft.errors import UserError
 from mamba_ft.synthetic.vocab import Vocab
 
 
@@ -73,31 +73,3 @@ class Task:
             last = len(tokens) - 1 - tokens[::-1].index(self.final_marker)
             tokens = tokens[last + 1:]
         return tuple(tokens)
-
-
-def _registry() -> dict[str, type[Task]]:
-    # Imported here: each task module imports this one for `Task`.
-    from mamba_ft.synthetic.copying import CopyTask, PrefixNgramTask, SuffixNgramTask
-    from mamba_ft.synthetic.cot import ArithmeticTask, LISTask
-    from mamba_ft.synthetic.recall import RecallTask
-
-    return {cls.name: cls for cls in (CopyTask, PrefixNgramTask, SuffixNgramTask, RecallTask,
-                                      ArithmeticTask, LISTask)}
-
-
-def task_names() -> list[str]:
-    return sorted(_registry())
-
-
-def make_task(name: str, **params) -> Task:
-    """The task `name` with its parameters checked; a UserError names any bad value."""
-    registry = _registry()
-    if name not in registry:
-        raise UserError(f"Unknown synthetic task {name!r}; choose one of: {', '.join(sorted(registry))}."
-                        + did_you_mean(name, registry))
-    cls = registry[name]
-    try:
-        return cls(**params)
-    except TypeError as exc:
-        raise UserError(f"Bad parameters for task {name!r} ({exc}); its parameters are: "
-                        f"{', '.join(cls.parameter_names())}.") from None

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from mamba_ft.errors import UserError
-from mamba_ft.synthetic.base import task_names
+from mamba_ft.synthetic.tasks import task_names
 
 
 def run_synth(targets: list[str], out: str | Path, overrides: list[str] | None = None,

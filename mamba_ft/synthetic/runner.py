@@ -2,7 +2,7 @@
 
 For each task variant (e.g. direct vs CoT) the same seeded train set trains every model: each
 Mamba (d_model x d_state) and, per Mamba width, one Transformer with the closest parameter
-count. Training is `mamba_ft.train.train` with the datasets passed in; scoring is teacher-forced
+count. Training is `mamba_ft.training.loop.train` with the datasets passed in; scoring is teacher-forced
 and greedy at every test length. The result is the dict that results.json holds.
 """
 
@@ -76,7 +76,7 @@ def _training_recipe(spec: SynthSpec, out_dir: Path, tag: str):
 def _fit(spec: SynthSpec, plan: ModelPlan, model, tokenizer, train_ds, valid_ds, out_dir: Path) -> dict:
     from accelerate.utils import extract_model_from_parallel
 
-    from mamba_ft.train import train
+    from mamba_ft.training.loop import train
 
     recipe = _training_recipe(spec, out_dir, plan.name)
     start = time.perf_counter()

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from mamba_ft.errors import UserError, did_you_mean
 from mamba_ft.recipe import apply_override, read_yaml_mapping, validate_mapping
-from mamba_ft.synthetic.base import make_task, task_names
+from mamba_ft.synthetic.tasks import make_task, task_names
 
 
 class _Section(BaseModel):

@@ -11,7 +11,7 @@ from mamba_ft.errors import UserError
 from mamba_ft.evaluation import ModelSpec, run_icl_sweep
 from mamba_ft.evaluation.icl_task_data import TASKS_DIR, write_tasks
 from mamba_ft.evaluation.tasks import bundled_task_names, resolve_tasks, task_manager
-from mamba_ft.synthetic.icl_rules import RULES, apply_rule
+from mamba_ft.rules import RULES, apply_rule
 
 
 def test_committed_task_files_are_what_the_script_writes(tmp_path):

@@ -31,8 +31,9 @@ import torch
 from transformers import PreTrainedModel
 from transformers.models.mamba import modeling_mamba
 
-from mamba_ft.mixer import MambaFTMixer
-from mamba_ft.models.swap import MambaFTRMSNorm, swap_mixers, swap_norms
+from mamba_ft.modules.mamba_mixer import MambaFTMixer
+from mamba_ft.models.swap import swap_mixers, swap_norms
+from mamba_ft.modules import MambaFTRMSNorm
 
 _HF_MIXER = modeling_mamba.MambaMixer
 _HF_NORM = modeling_mamba.MambaRMSNorm

@@ -1,0 +1,207 @@
+"""mamba-ft's Mamba-1 mixer: transformers' `MambaMixer` parameters, mamba-ft's ops.
+
+The module owns exactly the parameters transformers' mixer owns, under the same names
+(in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj), so state dicts move between the two
+unchanged. What differs is the forward: every weight the computation reads comes from
+`mixer_weights()`, one place where adapters (see `mamba_ft.adapters`) substitute effective
+weights, and every op goes through `mamba_ft.ops`, which picks the fused kernels on CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mamba_ft import ops
+from mamba_ft.compat import SUPPORTED_TRANSFORMERS
+from mamba_ft.ops.projections import (LowRankPath, channels_first, channels_first_to_rows,
+                                  rows_to_channels_first)
+
+
+@dataclass
+class MixerWeights:
+    """The tensors one mixer forward reads, after any adapter has been applied.
+
+    `in_proj_lora` / `out_proj_lora` carry an optional low-rank side path (x -> x @ A^T @ B^T * s)
+    for the two big projections, where adding it to the activations is cheaper than merging it
+    into the weight.
+    """
+
+    in_proj_weight: torch.Tensor
+    in_proj_bias: torch.Tensor | None
+    conv_weight: torch.Tensor  # (d_inner, width)
+    conv_bias: torch.Tensor | None
+    x_proj_weight: torch.Tensor
+    dt_proj_weight: torch.Tensor
+    dt_bias: torch.Tensor
+    A_log: torch.Tensor
+    D: torch.Tensor
+    out_proj_weight: torch.Tensor
+    out_proj_bias: torch.Tensor | None
+    in_proj_lora: LowRankPath | None = None
+    out_proj_lora: LowRankPath | None = None
+
+
+def _one_cache(cache, cache_params):
+    if cache is not None and cache_params is not None:
+        raise TypeError("MambaFTMixer.forward got both `cache` and `cache_params`; pass the "
+                        "cache once.")
+    return cache if cache is not None else cache_params
+
+
+def _mask_padding(x: torch.Tensor, attention_mask: torch.Tensor | None, time_dim: int):
+    # Same rule as transformers (zero the padded positions), so padded batches give the same
+    # numbers on both implementations. x is (batch, L, d) (time_dim 1) or (batch, d, L) (2).
+    if attention_mask is None:
+        return x
+    mask = attention_mask.unsqueeze(3 - time_dim)
+    return (x * mask).to(x.dtype)
+
+
+class MambaFTMixer(nn.Module):
+    """Drop-in for transformers' `MambaMixer` (same parameters, same forward signature)."""
+
+    def __init__(self, hf_mixer: nn.Module):
+        super().__init__()
+        # Take over the modules and parameters of the transformers mixer (no copies), so a
+        # model loaded by transformers keeps its tensors and its state_dict keys.
+        self.layer_idx = hf_mixer.layer_idx
+        self.hidden_size = hf_mixer.hidden_size
+        self.intermediate_size = hf_mixer.intermediate_size
+        self.ssm_state_size = hf_mixer.ssm_state_size
+        self.time_step_rank = hf_mixer.time_step_rank
+        self.conv_kernel_size = hf_mixer.conv_kernel_size
+        if hf_mixer.activation not in ("silu", "swish"):
+            raise ValueError(
+                f"mamba-ft's mixer supports hidden_act 'silu' only, not {hf_mixer.activation!r}"
+            )
+        # Registration order as in transformers, so named_parameters() lists the same order.
+        self.conv1d = hf_mixer.conv1d
+        self.in_proj = hf_mixer.in_proj
+        self.x_proj = hf_mixer.x_proj
+        self.dt_proj = hf_mixer.dt_proj
+        self.A_log = hf_mixer.A_log
+        self.D = hf_mixer.D
+        self.out_proj = hf_mixer.out_proj
+        # Set by adapters.attach(); None means the raw weights are used.
+        self.adapter: nn.Module | None = None
+        # Set by `mamba_ft.models.document_starts` for packed batches: (batch, L) bool.
+        self.document_starts: torch.Tensor | None = None
+        # Set by `mamba_ft.models.set_recompute_ssm`: trade one more forward of the SSM
+        # branch in the backward for not storing its activations.
+        self.recompute_ssm = False
+
+    def raw_weights(self) -> MixerWeights:
+        return MixerWeights(
+            in_proj_weight=self.in_proj.weight,
+            in_proj_bias=self.in_proj.bias,
+            conv_weight=self.conv1d.weight.squeeze(1),
+            conv_bias=self.conv1d.bias,
+            x_proj_weight=self.x_proj.weight,
+            dt_proj_weight=self.dt_proj.weight,
+            dt_bias=self.dt_proj.bias,
+            A_log=self.A_log,
+            D=self.D,
+            out_proj_weight=self.out_proj.weight,
+            out_proj_bias=self.out_proj.bias,
+        )
+
+    def mixer_weights(self) -> MixerWeights:
+        """The weights this forward reads: raw, or with the attached adapter applied."""
+        weights = self.raw_weights()
+        return weights if self.adapter is None else self.adapter(weights)
+
+    def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask=None, *,
+                cache_params=None, **unexpected):
+        """transformers' `MambaMixer.forward`: the cache arrives as `cache` (transformers 5.24
+        and later) or `cache_params` (5.23). Any other keyword is an error, not ignored: a
+        keyword swallowed here once made every decoding step start from an empty state."""
+        cache_params = _one_cache(cache, cache_params)
+        if unexpected:
+            raise TypeError(
+                f"MambaFTMixer.forward got keyword(s) it does not understand: "
+                f"{', '.join(sorted(unexpected))} (transformers {transformers.__version__}). "
+                f"mamba-ft supports transformers {SUPPORTED_TRANSFORMERS}; install a version in "
+                f"that range, or teach the mixer the new keyword.")
+        if cache_params is not None and cache_params.is_recording_past(self.layer_idx):
+            # Assisted / speculative decoding roll the cache back to a past state, which this
+            # mixer does not record: refuse rather than decode from a wrong state.
+            raise NotImplementedError(
+                "mamba-ft's mixer does not record past states for cache rollback "
+                "(assisted or speculative decoding); use plain generate, or merge the adapter "
+                "and decode with plain transformers.")
+        w = self.mixer_weights()
+        seq_len = hidden_states.shape[1]
+
+        conv_state = ssm_state = None
+        if cache_params is not None:
+            conv_state = cache_params.get_conv_state(self.layer_idx)
+            ssm_state = cache_params.get_recurrent_state(self.layer_idx)
+            # The cache updates these tensors in place below; keep what this step starts from.
+            conv_state = None if conv_state is None else conv_state[..., 1:].clone()
+
+        hidden_states = _mask_padding(hidden_states, attention_mask, time_dim=1)
+        xz = rows_to_channels_first(hidden_states, w.in_proj_weight, w.in_proj_bias,
+                                    w.in_proj_lora)
+        x, z = xz.chunk(2, dim=1)  # (batch, d_inner, L) each, time-contiguous
+        A = -torch.exp(w.A_log.float())
+
+        if conv_state is not None and ssm_state is not None and seq_len == 1:
+            y = self._decode_step(x[..., 0], z[..., 0], w, A, conv_state, ssm_state, cache_params)
+            return channels_first_to_rows(y.unsqueeze(2), w.out_proj_weight, w.out_proj_bias,
+                                          w.out_proj_lora)
+        if cache_params is not None:
+            # Stores the last `width` inputs for the next step (transformers' layout).
+            cache_params.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
+        if self.recompute_ssm and cache_params is None and torch.is_grad_enabled():
+            # Keep only xz for the backward and run conv -> x_proj -> dt_proj -> scan again
+            # there: saves the conv output, delta, B, C and the scan's checkpoints of every
+            # layer for one more forward of that branch. The branch draws no random numbers
+            # (adapter dropout acts outside it), so no RNG state needs saving for the recompute.
+            y = checkpoint(self._ssm_branch, x, z, w, A, None, None, attention_mask,
+                           use_reentrant=False, preserve_rng_state=False)
+        else:
+            y = self._ssm_branch(x, z, w, A, conv_state, ssm_state, attention_mask, cache_params)
+        return channels_first_to_rows(y, w.out_proj_weight, w.out_proj_bias, w.out_proj_lora)
+
+    def _ssm_branch(self, x, z, w: MixerWeights, A, conv_state, ssm_state, attention_mask,
+                    cache_params=None):
+        """conv -> x_proj -> dt_proj -> gated scan over (batch, d_inner, L); same layout out."""
+        R, N = self.time_step_rank, self.ssm_state_size
+        x = ops.causal_conv1d(x, w.conv_weight, w.conv_bias, initial_state=conv_state,
+                              reset=self.document_starts)
+        x = _mask_padding(x, attention_mask, time_dim=2)
+        # All (batch, channels, L), time-contiguous: B and C are views of x_proj's output in
+        # the layout the scan reads. dt_proj's bias is added inside the scan, in fp32, with
+        # the softplus.
+        dt, B, C = torch.split(channels_first(x, w.x_proj_weight), [R, N, N], dim=1)
+        delta = channels_first(dt, w.dt_proj_weight)
+        result = ops.selective_scan(
+            x, delta, A, B, C,
+            D=w.D.float(), z=z, delta_bias=w.dt_bias.float(), delta_softplus=True,
+            initial_state=ssm_state, reset=self.document_starts,
+            return_last_state=cache_params is not None,
+        )
+        if cache_params is not None:
+            result, last_state = result
+            cache_params.update_recurrent_state(last_state, self.layer_idx)
+        return result
+
+    def _decode_step(self, x, z, w: MixerWeights, A, conv_state, ssm_state, cache_params):
+        """One token with the cache: conv window and recurrent state advance by one."""
+        R, N = self.time_step_rank, self.ssm_state_size
+        cache_params.update_conv_state(x.unsqueeze(-1), self.layer_idx)
+        x, _ = ops.causal_conv1d_step(x, conv_state, w.conv_weight, w.conv_bias)
+        dt, B, C = torch.split(F.linear(x, w.x_proj_weight), [R, N, N], dim=-1)
+        delta = F.linear(dt, w.dt_proj_weight)
+        y, new_state = ops.selective_state_step(
+            ssm_state, x, delta, A, B, C, D=w.D.float(), z=z, delta_bias=w.dt_bias.float(),
+            delta_softplus=True,
+        )
+        cache_params.update_recurrent_state(new_state, self.layer_idx)
+        return y

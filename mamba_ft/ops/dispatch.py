@@ -1,0 +1,82 @@
+"""Dispatch for the mixer's ops: the fused Triton kernels on CUDA, the reference ops elsewhere.
+
+The mixer calls only these functions, so the choice of implementation lives in one place.
+`MAMBA_FT_OPS=reference` forces the reference path (useful to compare paths on a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mamba_ft.ops import reference
+
+
+def use_fused(t: torch.Tensor) -> bool:
+    """True when the fused Triton kernels should run for a tensor on this device."""
+    if not t.is_cuda or os.environ.get("MAMBA_FT_OPS", "auto") == "reference":
+        return False
+    from mamba_ft.kernels import available
+
+    return available()
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, *, initial_state=None, reset=None):
+    """Selective scan over (batch, d, L); see `mamba_ft.ops.reference.selective_scan`."""
+    if use_fused(u):
+        from mamba_ft.kernels import selective_scan_fn as scan
+    else:
+        scan = reference.selective_scan
+    return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                initial_state=initial_state, reset=reset)
+
+
+def causal_conv1d(x, weight, bias=None, initial_state=None, reset=None, activation="silu",
+                  return_final_state=False):
+    """Causal depthwise conv over (batch, d, L); see `mamba_ft.ops.reference.causal_conv1d`."""
+    if use_fused(x):
+        from mamba_ft.kernels import causal_conv1d_fn
+
+        return causal_conv1d_fn(x, weight, bias, initial_state=initial_state, reset=reset,
+                                activation=activation, return_final_state=return_final_state)
+    return reference.causal_conv1d(x, weight, bias, initial_state=initial_state, reset=reset,
+                                   activation=activation, return_final_state=return_final_state)
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm over the last axis; see `mamba_ft.ops.reference.rms_norm`."""
+    if use_fused(x):
+        from mamba_ft.kernels import rms_norm_fn
+
+        return rms_norm_fn(x, weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def _decode_kernel_applies(*tensors) -> bool:
+    # The one-token kernels are forward only: with a gradient to compute, the differentiable
+    # reference steps run instead.
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)
+    return use_fused(tensors[0]) and not needs_grad
+
+
+def selective_state_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                         delta_softplus=False):
+    """One decoding step of the scan; see `mamba_ft.ops.reference.selective_state_step`."""
+    if _decode_kernel_applies(u, state, delta, A, B, C, D, z, delta_bias):
+        from mamba_ft.kernels import selective_state_step as step
+    else:
+        step = reference.selective_state_step
+    return step(state, u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                delta_softplus=delta_softplus)
+
+
+def causal_conv1d_step(x, conv_state, weight, bias=None, activation="silu"):
+    """One decoding step of the conv; see `mamba_ft.ops.reference.causal_conv1d_step`."""
+    if _decode_kernel_applies(x, conv_state, weight, bias):
+        from mamba_ft.kernels import causal_conv1d_step as step
+    else:
+        step = reference.causal_conv1d_step
+    return step(x, conv_state, weight, bias, activation=activation)

@@ -1,0 +1,1 @@
+"""Training: the run read top to bottom (`loop`), and the parts it is made of."""
