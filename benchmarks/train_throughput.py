@@ -6,7 +6,7 @@ forward + backward + AdamW under bf16 autocast at L 2048, on random token ids.
 
 Runs: full fine-tuning and LoRA on all targets (rank 8) through the fused kernels, with and
 without recomputing the SSM branch in the backward (`set_recompute_ssm`), LoRA with the frozen
-base weights stored in bf16 (`adapter.frozen_dtype: bfloat16`), and with the forward and
+base weights stored in bf16 (`precision.frozen_base: bf16`), and with the forward and
 backward replayed as one CUDA graph (`run.cuda_graphs`, mamba_ft.training.cuda_graph); the pure-PyTorch
 reference path (`MAMBA_FT_OPS=reference`) for Mamba-130m as a baseline. The ops column names
 the path and its options joined by "+".
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from mamba_ft.training.loss import next_token_loss_sum
 from mamba_ft.models import load_model, set_recompute_ssm
+from mamba_ft.training.step import forward_loss_sum
 
 from bench_common import (RESULTS_DIR, device_and_versions, gpu_run_info, markdown_table,
                           wall_seconds_per_call, write_json, write_markdown)
@@ -43,7 +43,7 @@ RUNS = [
     ("1.4b", "lora", "fused", None),
     ("1.4b", "lora", "fused", 2),  # the batch of the paper-setting anchor in DESIGN.md
     ("1.4b", "lora", "fused+recompute", 2),
-    ("1.4b", "lora", "fused+bf16-frozen", 2),  # adapter.frozen_dtype: bfloat16
+    ("1.4b", "lora", "fused+bf16-frozen", 2),  # precision.frozen_base: bf16
     ("130m", "full", "fused+graph", None),  # run.cuda_graphs
     ("130m", "lora", "fused+graph", None),
     ("1.4b", "lora", "fused+graph", 2),
@@ -58,6 +58,19 @@ def build(name: str):
                   num_hidden_layers=shape["num_hidden_layers"], state_size=16, expand=2,
                   conv_kernel=4, use_cache=False)
     return load_model(config, need_tokenizer=False, seed=0).model
+
+
+_ACCELERATOR = None
+
+
+def _bf16_accelerator():
+    """One Accelerator for the process (its state is process-wide), as the loop builds it."""
+    from accelerate import Accelerator
+
+    global _ACCELERATOR
+    if _ACCELERATOR is None:
+        _ACCELERATOR = Accelerator(mixed_precision="bf16")
+    return _ACCELERATOR
 
 
 def make_step(name, mode, path, batch, L):
@@ -85,14 +98,12 @@ def make_step(name, mode, path, batch, L):
     n_targets = ids.numel() - ids.shape[0]
     losses = []
 
+    accelerator = _bf16_accelerator()
+
     def micro_step(batch, scale):
-        # The loss as mamba-ft's training loop computes it (mamba_ft.training.loss: fp32 cross-entropy
-        # over the shifted logits, chunked), not transformers' `labels=` path.
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(input_ids=batch["input_ids"]).logits
-        loss_sum = next_token_loss_sum(logits, batch["input_ids"], -100)
-        (loss_sum * scale).backward()
-        return loss_sum
+        # The training loop's own micro-step (mamba_ft.training.step): bf16 autocast, the fp32
+        # chunked next-token loss, backward.
+        return forward_loss_sum(model, batch, accelerator, backward_scale=scale)
 
     if "graph" in options:
         from mamba_ft.training.cuda_graph import GraphedMicroStep
@@ -102,7 +113,7 @@ def make_step(name, mode, path, batch, L):
         run_micro_step = micro_step
 
     def step():
-        loss_sum = run_micro_step({"input_ids": ids}, 1.0 / n_targets)
+        loss_sum = run_micro_step({"input_ids": ids, "labels": ids}, 1.0 / n_targets)
         opt.step()
         # In place: a graphed step accumulates into the gradient tensors it was captured with.
         opt.zero_grad(set_to_none="graph" not in options)

@@ -7,6 +7,7 @@ a `UserError` into one line on stderr and exit code 2 (a traceback only with --d
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from mamba_ft.errors import UserError
@@ -62,9 +63,19 @@ def _info(args):
     loaded = load_model(args.model, need_tokenizer=is_checkpoint, allow_transformers=True)
     model = loaded.model
     total = sum(p.numel() for p in model.parameters())
-    kind = "Mamba (mamba-ft mixers: %d)" % len(mixers(model)) if loaded.is_mamba else model.config.model_type
+    kind = _describe_mamba(model, mixers(model)) if loaded.is_mamba else model.config.model_type
     vocab = f", tokenizer with {len(loaded.tokenizer)} tokens" if loaded.tokenizer is not None else ""
     print(f"{args.model}: {kind}, {total:,} parameters{vocab}")
+
+
+def _describe_mamba(model, found) -> str:
+    """'Mamba (...)' or 'Mamba-2 (...)': the family and the geometry of its mixers."""
+    config = model.config
+    if config.model_type == "mamba2":
+        return (f"Mamba-2 (mamba-ft mixers: {len(found)}; {config.num_heads} heads x "
+                f"{config.head_dim}, {config.n_groups} B/C group(s), state {config.state_size}, "
+                f"chunk {config.chunk_size})")
+    return "Mamba (mamba-ft mixers: %d)" % len(found)
 
 
 def _synth(args):
@@ -73,16 +84,31 @@ def _synth(args):
     run_synth_cli(args)
 
 
+def _stability(args):
+    from mamba_ft.evaluation.stability_report import main_from_cli
+
+    main_from_cli(args)
+
+
 def _icl(args):
     from mamba_ft.evaluation.sweep import main_from_cli
 
     main_from_cli(args)
 
 
+DESCRIPTION = ("Fine-tune Mamba language models (adapters on every buffer, mixed precision, "
+               "fused kernels) and measure what it buys: few-shot ICL sweeps and synthetic tasks.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mamba-ft", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    # --debug is accepted before or after the subcommand.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks for errors")
+    parser = argparse.ArgumentParser(prog="mamba-ft", description=DESCRIPTION, parents=[common])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser = functools.partial(sub.add_parser, parents=[common])
 
     p = sub.add_parser("train", help="train from a YAML recipe")
     p.add_argument("recipe", help="recipe YAML file")
@@ -95,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("merge", help="fold an adapter into its base model: a plain transformers checkpoint")
-    p.add_argument("adapter_dir")
+    p.add_argument("adapter_dir", help="an adapter directory a training run saved (OUTPUT_DIR/adapter)")
     p.add_argument("--out", required=True, help="directory for the merged model (must not exist)")
     p.add_argument("--base", default=None, help="base model (default: the one recorded in the adapter)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds a model")
@@ -129,7 +155,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--online", action="store_true", help="let datasets and models come from the Hugging Face Hub")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     p.set_defaults(func=_icl)
+
+    p = sub.add_parser("stability", help="how far bf16 / fp16 move a model's outputs, and how its "
+                                         "dynamics carry a small input change (docs/precision.md)")
+    p.add_argument("--model", action="append", required=True, metavar="[LABEL=]PATH",
+                   help="model to probe (repeat): checkpoint dir, adapter dir or bundled:NAME")
+    p.add_argument("--adapter", action="append", metavar="LABEL=DIR", help="attach a saved adapter to model LABEL")
+    p.add_argument("--text", default=None, help="a text file to read (default: the bundled rule corpus)")
+    p.add_argument("--rows", type=int, default=4, help="rows of tokens")
+    p.add_argument("--length", type=int, default=128, help="tokens per row")
+    p.add_argument("--precisions", default="bf16,fp16", help="low precisions to compare with fp32")
+    p.add_argument("--how", default="autocast,weights",
+                   help="autocast (fp32 weights, low-precision compute), weights (weights cast), or both")
+    p.add_argument("--position", type=int, default=8, help="position the perturbation probe moves")
+    p.add_argument("--epsilon", type=float, default=1e-3, help="size of that perturbation")
+    p.add_argument("--out", required=True, help="directory for stability.json, stability.md and the plots")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.set_defaults(func=_stability)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("mamba-ft")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mamba-ft: error: {exc}", file=sys.stderr)
         return UserError.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        # The training loop has already said where to resume from.
+        print("mamba-ft: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

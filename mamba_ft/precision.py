@@ -1,4 +1,6 @@
-"""Mixed-precision policy: what autocasts, what stays fp32, loss scaling, tf32.
+"""The precision policy: what autocasts, what stays fp32, what the frozen base is stored in,
+loss scaling, tf32; one object built from the recipe's `precision` section, checked in one
+place, applied to the model, and handed to evaluation after training.
 
 Training keeps fp32 master weights and runs the forward under Accelerate's autocast (bf16 or
 fp16). The parameters that drive the recurrence (A_log, D, the dt bias), the norms and every
@@ -12,6 +14,7 @@ here so it shows up in the metrics.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,6 +26,77 @@ FP32_PARAMS = re.compile(
     r"(\.A_log$|\.D$|dt_proj\.bias$|dt_bias$|norm[^.]*\.(weight|bias)$|norm_f\.|layernorm|ln_f\."
     r"|\.adapter\.|lora_)"
 )
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """`mode`: the forward's autocast (fp32: none); `frozen_base`: the dtype the frozen base
+    weights are stored in under adapters (the recurrence parameters, norms and adapters stay
+    fp32 whatever it says)."""
+
+    mode: str = "fp32"
+    frozen_base: str = "fp32"
+    tf32: bool = False
+    fp16_init_scale: float = 2.0 ** 16
+
+    @classmethod
+    def from_section(cls, section) -> PrecisionPolicy:
+        return cls(mode=section.mode, frozen_base=section.frozen_base, tf32=section.tf32,
+                   fp16_init_scale=section.fp16_init_scale)
+
+    def check(self, *, adapter: bool, merge_at_end: bool, cuda_graphs: bool,
+              device: torch.device | None = None, fsdp2: bool = False) -> None:
+        """Every constraint on this policy, in one place: the recipe's own (device None, when
+        it is validated) and the launch's (the device and whether FSDP2 shards the model)."""
+        if self.frozen_base != "fp32" and not adapter:
+            raise UserError(f"precision.frozen_base {self.frozen_base} applies to the frozen base "
+                            f"under adapters and this recipe trains every weight; set "
+                            f"precision.frozen_base: fp32, or add an adapter section.")
+        if self.frozen_base != "fp32" and merge_at_end:
+            raise UserError(f"run.merge_at_end would merge into base weights that "
+                            f"precision.frozen_base keeps in {self.frozen_base}, losing their "
+                            f"precision; set run.merge_at_end: false and merge afterwards with "
+                            f"`mamba-ft merge OUTPUT_DIR/adapter --out DIR`, which loads the base "
+                            f"at full precision.")
+        if cuda_graphs and self.mode == "fp16":
+            raise UserError("run.cuda_graphs does not run with precision.mode fp16 (its loss scaler "
+                            "decides on the host, step by step, whether to skip an update); use "
+                            "precision.mode: bf16, or set run.cuda_graphs: false.")
+        if fsdp2 and self.mode == "fp16":
+            # The loss scaler's overflow check would see only this process's gradient shard, so
+            # processes could disagree on skipping a step.
+            raise UserError("precision.mode fp16 is not supported with FSDP2; use precision.mode: "
+                            "bf16 (no loss scaling needed) or launch with configs/accelerate/ddp.yaml.")
+        if fsdp2 and self.frozen_base != "fp32":
+            # fully_shard all-gathers a block's parameters as one buffer of one dtype.
+            raise UserError(f"precision.frozen_base {self.frozen_base} is not supported with FSDP2 "
+                            f"(it shards every block's parameters in one dtype); set "
+                            f"precision.frozen_base: fp32 or launch with configs/accelerate/ddp.yaml.")
+        if device is not None:
+            mixed_precision_for(self.mode, device)
+
+    def accelerate_mixed_precision(self, device: torch.device) -> str:
+        return mixed_precision_for(self.mode, device)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return None if self.mode == "fp32" else DTYPES[self.mode]
+
+    def apply(self, model: nn.Module) -> None:
+        """Recurrence parameters, norms, adapters and trainable weights in fp32; the frozen base
+        in `frozen_base`."""
+        enforce_fp32(model)
+        if self.frozen_base != "fp32":
+            store_frozen_in(model, DTYPES[self.frozen_base])
+
+    def evaluation_settings(self) -> dict:
+        """How evaluation after training runs the forwards: weights loaded in fp32, the
+        training's autocast around them (lm-eval's names)."""
+        return {"dtype": "float32",
+                "autocast": {"bf16": "bfloat16", "fp16": "float16"}.get(self.mode)}
 
 
 def mixed_precision_for(mode: str, device: torch.device) -> str:

@@ -8,6 +8,7 @@ dotted `key.path=value` pairs whose values are parsed as YAML (`optim.lr=1e-4`,
 
 from __future__ import annotations
 
+import sys
 import typing
 from pathlib import Path
 from typing import Literal
@@ -17,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mamba_ft.adapters import AdapterConfig
 from mamba_ft.errors import UserError, did_you_mean
+from mamba_ft.models.quantize import QuantizeConfig
+from mamba_ft.precision import PrecisionPolicy
 
 
 class Section(BaseModel):
@@ -32,10 +35,21 @@ class ModelSection(Section):
     recompute_ssm: bool = Field(False, description="Mamba only: run each mixer's conv -> scan branch "
                                                    "again in the backward instead of storing it "
                                                    "(Mamba-1.4B LoRA batch 2: peak 20.1 -> 17.1 GiB, 8-32% fewer tokens/s)")
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig,
+                                     description="Mamba only: base weights in nf4 / fp4 / int8 "
+                                                 "(bitsandbytes, QLoRA; docs/quantization.md)")
+
+
+_FROZEN_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 class PrecisionSection(Section):
     mode: Literal["fp32", "bf16", "fp16"] = "fp32"
+    frozen_base: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="dtype the frozen base weights are kept in while adapters train; the "
+                            "recurrence parameters, norms and adapters stay fp32. bf16 halves the "
+                            "base weights' memory and saves casting them at every step under bf16 "
+                            "autocast.")
     tf32: bool = False
     fp16_init_scale: float = 2.0 ** 16
 
@@ -176,24 +190,51 @@ class Recipe(Section):
     def _none_means_full(cls, value):
         return None if isinstance(value, str) and value.lower() == "none" else value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _frozen_dtype_moved(cls, data):
+        # adapter.frozen_dtype (float32 / bfloat16 / float16) is precision.frozen_base now.
+        adapter = data.get("adapter") if isinstance(data, dict) else None
+        if isinstance(adapter, dict) and "frozen_dtype" in adapter:
+            adapter = dict(adapter)
+            old = adapter.pop("frozen_dtype")
+            new = _FROZEN_DTYPE_NAMES.get(old, old)
+            precision = dict(data.get("precision") or {})
+            if precision.setdefault("frozen_base", new) != new:
+                raise ValueError(f"adapter.frozen_dtype {old} and precision.frozen_base "
+                                 f"{precision['frozen_base']} disagree; keep precision.frozen_base only")
+            print(f"mamba-ft: notice: adapter.frozen_dtype has moved to precision.frozen_base "
+                  f"(adapter.frozen_dtype: {old} is read as precision.frozen_base: {new}).",
+                  file=sys.stderr)
+            data = {**data, "adapter": adapter, "precision": precision}
+        return data
+
     @model_validator(mode="after")
-    def _merge_needs_full_precision_base(self):
-        if self.adapter is not None and self.adapter.frozen_dtype != "float32" and self.run.merge_at_end:
-            raise ValueError(
-                f"run.merge_at_end would merge into base weights that adapter.frozen_dtype keeps in "
-                f"{self.adapter.frozen_dtype}, losing their precision; set run.merge_at_end: false "
-                f"and merge afterwards with `mamba-ft merge OUTPUT_DIR/adapter --out DIR`, which "
-                f"loads the base at full precision")
+    def _precision_fits(self):
+        try:
+            self.precision_policy().check(adapter=self.adapter is not None,
+                                          merge_at_end=self.run.merge_at_end,
+                                          cuda_graphs=self.run.cuda_graphs)
+        except UserError as exc:
+            raise ValueError(str(exc).rstrip(".")) from None
         return self
 
     @model_validator(mode="after")
-    def _graphs_need_fixed_scale(self):
-        if self.run.cuda_graphs and self.precision.mode == "fp16":
-            raise ValueError(
-                "run.cuda_graphs does not run with precision.mode fp16 (its loss scaler decides on "
-                "the host, step by step, whether to skip an update); use precision.mode: bf16, or "
-                "set run.cuda_graphs: false")
+    def _quantized_base_needs_adapter(self):
+        # A quantised weight takes no gradient; full fine-tuning would silently train only the
+        # rest. CUDA graphs are refused until dequantising inside a captured graph is tested.
+        quantize = self.model.quantize
+        if quantize.enabled and self.adapter is None:
+            raise ValueError(f"model.quantize {quantize.kind} keeps the base weights frozen in "
+                             f"{quantize.kind}; add an adapter section (QLoRA), or set "
+                             f"model.quantize: none to fine-tune the whole model")
+        if quantize.enabled and self.run.cuda_graphs:
+            raise ValueError("run.cuda_graphs is not supported with model.quantize yet; set "
+                             "run.cuda_graphs: false")
         return self
+
+    def precision_policy(self) -> PrecisionPolicy:
+        return PrecisionPolicy.from_section(self.precision)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

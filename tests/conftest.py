@@ -20,6 +20,17 @@ def tiny_mamba_config():
                        expand=2, conv_kernel=4, time_step_rank=4)
 
 
+@pytest.fixture
+def tiny_mamba2_config():
+    """8 heads of 8 channels in 2 groups, chunks of 8 (tests use lengths that are not
+    multiples of it)."""
+    from transformers import Mamba2Config
+
+    return Mamba2Config(vocab_size=96, hidden_size=32, expand=2, num_heads=8, head_dim=8,
+                        n_groups=2, state_size=8, num_hidden_layers=2, conv_kernel=4,
+                        chunk_size=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
 def build_word_tokenizer(directory, words=None):
     """A small word-level tokenizer saved as a transformers tokenizer in `directory`."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -134,3 +134,47 @@ def test_validate_checks_a_synthetic_spec_fully(tmp_path, capsys):
     assert main(["validate", str(write(tmp_path, spec))]) == 2
     err = capsys.readouterr().err
     assert "length" in err.lower() and "Traceback" not in err
+
+
+def test_frozen_dtype_moved_under_precision_with_a_notice(tmp_path, capsys):
+    """adapter.frozen_dtype (float32 / bfloat16 / float16) still validates, as
+    precision.frozen_base in the precision vocabulary, with a one-line notice; a disagreeing
+    pair and a frozen base without adapters are refused."""
+    old = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    old["adapter"] = {"targets": ["in_proj"], "frozen_dtype": "bfloat16"}
+    new = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    new["adapter"] = {"targets": ["in_proj"]}
+    new["precision"] = {"frozen_base": "bf16"}
+    from_old = load_recipe(write(tmp_path, old))
+    notice = capsys.readouterr().err
+    assert "adapter.frozen_dtype has moved to precision.frozen_base" in notice
+    assert len(notice.strip().splitlines()) == 1
+    assert from_old.model_dump() == load_recipe(write(tmp_path, new)).model_dump()
+    assert from_old.precision_policy().frozen_base == "bf16"
+
+    old["precision"] = {"frozen_base": "fp16"}
+    assert "disagree" in error_of(tmp_path, old)
+    del new["adapter"]
+    assert "frozen_base bf16 applies to the frozen base under adapters" in error_of(tmp_path, new)
+
+
+def test_precision_policy_reaches_the_sweep_after_training(monkeypatch, tmp_path):
+    """The post-training ICL sweep scores under the autocast the run trained with."""
+    from mamba_ft.evaluation import result as result_mod
+    from mamba_ft.evaluation import sweep
+    from mamba_ft.training import finish
+
+    seen = {}
+
+    def fake_sweep(models, **kwargs):
+        seen.update(kwargs)
+        return result_mod.SweepResult(models={}, tasks={}, shots=[], seeds=[], limit=None, baseline=None,
+                                      scores=[], gains={"fine-tuned": {"mean": 0.0, "std": 0.0}})
+
+    monkeypatch.setattr(sweep, "run_icl_sweep", fake_sweep)
+    data = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    data["precision"] = {"mode": "bf16"}
+    data["evaluation"] = {"icl_sweep": {"shots": [0]}}
+    recipe = load_recipe(write(tmp_path, data))
+    finish.icl_sweep(recipe, model=None, tokenizer=None, out=tmp_path)
+    assert seen["autocast"] == "bfloat16" and seen["dtype"] == "float32"

@@ -26,14 +26,14 @@ def available() -> bool:
     return torch.cuda.is_available() and _triton_importable()
 
 
-def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                      return_last_state=False, *, initial_state=None, reset=None):
+def selective_scan_fn(*args, **kwargs):
     """Drop-in for mamba_ssm's `selective_scan_fn`: its positional order and layouts, with
-    mamba-ft's `initial_state` and `reset` keyword-only (`kernels/triton/scan_layout.py`)."""
+    mamba-ft's `initial_state` and `reset` keyword-only. The arguments are the kernel's own
+    (`selective_scan.selective_scan_fn`), forwarded as given; imported on first call so that
+    importing this package needs no Triton."""
     from mamba_ft.kernels.selective_scan import selective_scan_fn as fn
 
-    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-              initial_state=initial_state, reset=reset)
+    return fn(*args, **kwargs)
 
 
 def causal_conv1d_fn(x, weight, bias=None, initial_state=None, reset=None, activation="silu",

@@ -29,6 +29,8 @@ from mamba_ft.adapters.lora import (
 from mamba_ft.adapters.report import AdapterReport, ReportRow
 from mamba_ft.errors import UserError
 from mamba_ft.models import mixers
+from mamba_ft.modules import MambaFTMamba2Mixer
+from mamba_ft.modules.quantized import logical_numel
 
 _ATTR = "mamba_ft_adapters"
 
@@ -59,7 +61,15 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _count_base(model: nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if not is_adapter_parameter(n))
+    # A 4-bit weight packs two values a byte: count the matrix it stands for, so the shares in
+    # the report are the same as on an unquantised base.
+    total, seen = 0, set()
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) not in seen and not is_adapter_parameter(f"{module_name}.{name}"):
+                seen.add(id(p))  # a tied weight once, as named_parameters() counts it
+                total += logical_numel(module, name, p)
+    return total
 
 
 def attach_adapters(model: nn.Module, config: AdapterConfig) -> AdapterReport:
@@ -73,6 +83,11 @@ def attach_adapters(model: nn.Module, config: AdapterConfig) -> AdapterReport:
         raise UserError("This Mamba model still has transformers' own mixers, which read raw weights "
                         "and would bypass adapters; load it with mamba_ft.models.load_model (or call "
                         "mamba_ft.models.swap_mixers) before attaching adapters.")
+    if any(isinstance(m, MambaFTMamba2Mixer) for m in mixers(model)):
+        # The adapter modules read Mamba-1's weights (x_proj, dt_proj); Mamba-2's hook exists
+        # (Mamba2MixerWeights) but nothing fills it yet: refuse rather than attach wrongly.
+        raise UserError("Adapters on Mamba-2 models are not supported yet (docs/mamba2.md); "
+                        "fine-tune a Mamba-2 model in full (no adapter section) for now.")
     if mixers(model):
         rows, module_targets = _attach_mamba(model, config)
         record = Attached(config, True, flags, module_targets=module_targets)

@@ -10,9 +10,7 @@ typo in a Mamba recipe fails at `mamba-ft validate` time.
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from mamba_ft.errors import did_you_mean
 
@@ -64,11 +62,6 @@ class AdapterConfig(BaseModel):
     dropout: float = 0.0
     rank_per_target: dict[str, int] = {}
     layers: list[int] | None = None  # None: every layer
-    frozen_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="dtype the frozen base weights are kept in while the adapters "
-                               "train; the recurrence parameters, norms and adapters stay fp32. "
-                               "bfloat16 halves the base weights' memory and saves casting them "
-                               "at every step under bf16 autocast.")
 
     @field_validator("targets")
     @classmethod

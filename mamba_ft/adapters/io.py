@@ -26,6 +26,7 @@ from torch import nn
 from mamba_ft.adapters.attach import adapter_parameters, attach_adapters, attached, detach_adapters
 from mamba_ft.adapters.config import AdapterConfig
 from mamba_ft.errors import UserError
+from mamba_ft.models.quantize import quantization_of
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -130,6 +131,10 @@ def save_adapters(model: nn.Module, out_dir: str | Path, base_model: str) -> Pat
         "mamba_ft_only_targets": sorted({t for t in record.module_targets.values()
                                          if record.is_mamba and t not in PEFT_MAMBA_TARGETS}),
     }
+    # A QLoRA adapter was trained against the dequantised base: merging rebuilds that base
+    # (the same quantisation of the same checkpoint is the same bytes) instead of the original.
+    if (quantization := quantization_of(model)) is not None:
+        meta["base_quantization"] = quantization.record()
     _atomic_write(out / PEFT_WEIGHTS, lambda p: save_file(peft_tensors, p, metadata={"format": "pt"}))
     if extra_tensors:
         _atomic_write(out / EXTRA_WEIGHTS, lambda p: save_file(extra_tensors, p, metadata={"format": "pt"}))

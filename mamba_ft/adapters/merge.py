@@ -13,12 +13,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from mamba_ft.adapters.attach import attached, detach_adapters
 from mamba_ft.adapters.io import load_adapters, read_adapter_dir
 from mamba_ft.errors import UserError
 from mamba_ft.models import mixers
+from mamba_ft.models.quantize import QuantizeConfig, dequantize_model
 
 
 def _base_layer(module: nn.Module) -> nn.Module:
@@ -49,6 +51,9 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     record = attached(model)
     if record is None:
         raise UserError("There are no adapters attached to this model to merge; load or attach them first.")
+    # A quantised base (QLoRA) becomes plain fp32 Linears holding the dequantised matrices, the
+    # weights the adapters were trained against; the deltas are then added to those.
+    dequantize_model(model)
     _untie_adapted_embeddings(model, record)
     with torch.no_grad():
         if record.is_mamba:
@@ -84,6 +89,16 @@ def _check_out(out: Path, adapter_dir: Path, base: str, overwrite: bool) -> None
                                 f"merged model to another directory.")
 
 
+def _recorded_quantization(record, adapter_dir: Path) -> QuantizeConfig:
+    """The quantisation the adapter was trained on, as its mamba_ft_adapter.json records it."""
+    try:
+        return QuantizeConfig.model_validate(record)
+    except ValidationError as exc:
+        first = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise UserError(f"{adapter_dir}/mamba_ft_adapter.json records a base_quantization mamba-ft "
+                        f"cannot rebuild ({first}); save the adapter again.") from None
+
+
 def merge_adapter_dir(adapter_dir, out, base: str | None = None, overwrite: bool = False) -> Path:
     """`mamba-ft merge`: base model + adapter -> a plain transformers checkpoint in `out`.
 
@@ -96,7 +111,9 @@ def merge_adapter_dir(adapter_dir, out, base: str | None = None, overwrite: bool
     meta, _, _ = read_adapter_dir(adapter_dir)  # a damaged adapter fails before the base loads
     source = base or meta["base_model"]
     _check_out(out, adapter_dir, source, overwrite)
-    loaded = load_model(source, need_tokenizer=True, allow_transformers=True)
+    quantization = meta.get("base_quantization")
+    loaded = load_model(source, need_tokenizer=True, allow_transformers=True,
+                        quantize=None if quantization is None else _recorded_quantization(quantization, adapter_dir))
     load_adapters(loaded.model, adapter_dir)
     model = merge_adapters(loaded.model)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mamba_ft.errors import UserError
+from mamba_ft.precision import PrecisionPolicy
 from mamba_ft.evaluation.result import SweepResult, sample_std
 from mamba_ft.recipe import DEFAULT_SEEDS, DEFAULT_SHOTS, IclSweepConfig
 
@@ -208,7 +209,8 @@ def _evaluate_model(spec: ModelSpec, loaded_tasks, manager, shots, seeds, limit,
     was_training = bool(getattr(spec.model, "training", False))
     lm = MambaFTLM(pretrained=spec.model if in_memory else spec.source, adapter=spec.adapter,
                    tokenizer=spec.tokenizer, show_progress=False, **lm_options)
-    info = {"source": lm.source, "adapter": spec.adapter, "is_mamba": lm.is_mamba}
+    # What was loaded: an adapter directory given as the model itself is found by MambaFTLM.
+    info = {"source": lm.source, "adapter": lm.adapter_dir, "is_mamba": lm.is_mamba}
     task_objects = [task for task, _ in loaded_tasks.values()]
     try:
         for k in shots:
@@ -269,8 +271,12 @@ def _add_gains(result: SweepResult) -> None:
 
 
 def run_after_training(config: IclSweepConfig, model, tokenizer, base_source: str | None,
-                       out_dir: str | Path, log=print) -> SweepResult:
-    """The sweep a training run ends with; writes into `out_dir` (replacing an earlier sweep there)."""
+                       out_dir: str | Path, precision: PrecisionPolicy | None = None,
+                       log=print) -> SweepResult:
+    """The sweep a training run ends with; writes into `out_dir` (replacing an earlier sweep there).
+
+    `precision`: the run's policy, so every model is scored under the autocast it trained with.
+    """
     models = [ModelSpec("fine-tuned", model=model, tokenizer=tokenizer)]
     if config.compare_base and base_source is not None:
         models.append(ModelSpec("base", source=str(base_source)))
@@ -278,7 +284,8 @@ def run_after_training(config: IclSweepConfig, model, tokenizer, base_source: st
     baseline = next(iter(config.baselines), "base" if len(models) > 1 else None)
     result = run_icl_sweep(models, tasks=config.tasks, shots=config.shots, seeds=config.seeds,
                            limit=config.limit, out_dir=out_dir, baseline=baseline,
-                           batch_size=config.batch_size, overwrite=True, log=log)
+                           batch_size=config.batch_size, overwrite=True, log=log,
+                           **(precision or PrecisionPolicy()).evaluation_settings())
     gain = result.gains["fine-tuned"]
     line = f"ICL gain of the fine-tuned model: {100 * gain['mean']:+.1f} ± {100 * gain['std']:.1f} points"
     ratio = result.ratios.get("fine-tuned", {}).get("ratio")

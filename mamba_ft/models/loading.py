@@ -1,14 +1,15 @@
 """One loader for every way a user names a model.
 
 `load_model(source)` accepts
-- a Hugging Face format directory (config.json + safetensors), Mamba or any causal LM;
+- a Hugging Face format directory (config.json + safetensors), Mamba, Mamba-2 or any causal LM;
 - an original mamba_ssm format directory (config.json with d_model / n_layer / ssm_cfg,
-  weights in pytorch_model.bin), converted on load into transformers' MambaForCausalLM;
+  weights in pytorch_model.bin), converted on load into transformers' MambaForCausalLM, or
+  Mamba2ForCausalLM when `ssm_cfg.layer` is Mamba2;
 - a config alone: a .json / .yaml file, a dict or a `PretrainedConfig` (random init);
 - `bundled:NAME` for the tiny models shipped inside the package;
 - a hub id, when a network exists.
-Every Mamba model comes back with its mixers and RMSNorms swapped for mamba-ft's
-(`swap_mixers`, `swap_norms`).
+Every Mamba model (model_type `mamba` or `mamba2`) comes back with its mixers and RMSNorms
+swapped for mamba-ft's (`swap_mixers`, `swap_norms`).
 Nothing here runs code from the user's files: safetensors, `torch.load(weights_only=True)`,
 `yaml.safe_load`, and `trust_remote_code` only when the caller passes it.
 """
@@ -16,6 +17,7 @@ Nothing here runs code from the user's files: safetensors, `torch.load(weights_o
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    Mamba2ForCausalLM,
     MambaForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
@@ -37,11 +40,19 @@ from transformers import (
 from mamba_ft.errors import UserError
 from mamba_ft.models.mamba_ssm_format import (is_mamba_ssm_config, load_mamba_ssm_dir,
                                              unsafe_pickle_message)
+from mamba_ft.models.quantize import (QuantizationReport, QuantizeConfig, adopt_prequantized,
+                                      check_prequantized, quantize_model)
 from mamba_ft.models.swap import swap_mixers, swap_norms
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "bundled"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# The model types mamba-ft swaps its mixers into, and the transformers class of each.
+MAMBA_CLASSES = {"mamba": MambaForCausalLM, "mamba2": Mamba2ForCausalLM}
+SUPPORTED_FAMILIES = "Mamba-1 (model_type 'mamba') and Mamba-2 (model_type 'mamba2')"
+# Model types with Mamba mixers that mamba-ft does not serve yet (hybrids, variants).
+_OTHER_MAMBA_TYPES = ("falcon_mamba", "falcon_h1", "nemotron_h", "jamba", "zamba", "zamba2",
+                      "bamba", "granitemoehybrid")
 
 
 @dataclass
@@ -50,6 +61,7 @@ class LoadedModel:
     tokenizer: Any  # a transformers tokenizer, or None when not asked for
     is_mamba: bool
     source: str
+    quantization: QuantizationReport | None = None  # what model.quantize did (models/quantize.py)
 
 
 def resolve_source(source: str | Path) -> Path | str:
@@ -74,10 +86,27 @@ def resolve_source(source: str | Path) -> Path | str:
                     f"'bundled:tiny-mamba'.")
 
 
+# transformers writes floats JSON cannot hold as {"__float__": "Infinity"} (Mamba2Config's
+# default time_step_limit is (0, inf)) and decodes them in from_pretrained; a config read here
+# goes to AutoConfig.for_model, which takes the values as they are, so decode them first.
+_SPECIAL_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+def _decode_special_floats(value):
+    if isinstance(value, dict):
+        if set(value) == {"__float__"} and value["__float__"] in _SPECIAL_FLOATS:
+            return _SPECIAL_FLOATS[value["__float__"]]
+        return {k: _decode_special_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode_special_floats(v) for v in value]
+    return value
+
+
 def config_from_file(path: Path) -> dict:
     try:
         text = path.read_text()
         data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        data = _decode_special_floats(data)
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise UserError(f"Could not read the model config {path}: {exc}. Fix the file so it is "
                         f"valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}.") from None
@@ -102,15 +131,16 @@ def config_from_dict(data: dict, where: str, allow_transformers: bool) -> Pretra
 
 
 def check_family(model_type: str | None, where: str, allow_transformers: bool) -> bool:
-    """True for a Mamba-1 model; a clear error for what mamba-ft cannot load as asked."""
-    if model_type == "mamba":
+    """True for a Mamba-1 or Mamba-2 model; a clear error for what mamba-ft cannot load as asked."""
+    if model_type in MAMBA_CLASSES:
         return True
-    if model_type in ("mamba2", "falcon_mamba", "falcon_h1", "nemotron_h", "jamba", "zamba", "zamba2"):
-        raise UserError(f"{where} is a {model_type!r} model; mamba-ft supports Mamba-1 "
-                        f"(model_type 'mamba') checkpoints only for now.")
+    if model_type in _OTHER_MAMBA_TYPES:
+        raise UserError(f"{where} is a {model_type!r} model; mamba-ft supports "
+                        f"{SUPPORTED_FAMILIES} checkpoints only for now.")
     if not allow_transformers:
-        raise UserError(f"{where} is a {model_type!r} model, not a Mamba (model_type 'mamba'); "
-                        f"point to a Mamba checkpoint, or load it as a Transformer baseline.")
+        raise UserError(f"{where} is a {model_type!r} model, not a Mamba (model_type 'mamba' or "
+                        f"'mamba2'); point to a Mamba checkpoint, or load it as a Transformer "
+                        f"baseline.")
     return False
 
 
@@ -138,7 +168,7 @@ def check_weight_shapes(path: Path, config: PretrainedConfig, cls) -> None:
     if not files:
         return
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in (cls(config) if cls is MambaForCausalLM
+        expected = {k: v.shape for k, v in (cls(config) if cls is not AutoModelForCausalLM
                                              else AutoModelForCausalLM.from_config(config)).state_dict().items()}
     for file in files:
         try:
@@ -187,14 +217,18 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     seed: int | None = None,
+    quantize: QuantizeConfig | None = None,
 ) -> LoadedModel:
     """Load a model (and its tokenizer) from any source described in the module docstring.
 
     `tokenizer` overrides where the tokenizer comes from (required for a config alone when
-    `need_tokenizer`). Mamba models always come back with mamba-ft's mixers.
+    `need_tokenizer`). Mamba models (Mamba-1, Mamba-2) always come back with mamba-ft's mixers. `quantize`
+    (bitsandbytes, models/quantize.py) quantises the base after loading; a checkpoint saved
+    quantised must agree with it, and is read by transformers' own bitsandbytes loader.
     """
     where = str(source) if not isinstance(source, (dict, PretrainedConfig)) else "the given config"
     tokenizer_from = tokenizer
+    prequantized = None  # the recipe's QuantizeConfig, once a saved quantization_config agrees
 
     if isinstance(source, (dict, PretrainedConfig)):
         if isinstance(source, dict):
@@ -217,10 +251,15 @@ def load_model(
             if "model_type" not in raw and is_mamba_ssm_config(raw):
                 model, is_mamba = load_mamba_ssm_dir(path, raw, dtype), True
             else:
+                if raw.get("quantization_config") is not None:
+                    prequantized = check_prequantized(raw["quantization_config"], quantize, where)
                 config = config_from_dict(raw, str(config_path), allow_transformers)
-                is_mamba = config.model_type == "mamba"
-                cls = MambaForCausalLM if is_mamba else AutoModelForCausalLM
-                model = _from_pretrained(cls, path, where, dtype, trust_remote_code, config)
+                is_mamba = config.model_type in MAMBA_CLASSES
+                cls = MAMBA_CLASSES.get(config.model_type, AutoModelForCausalLM)
+                # A quantised checkpoint's weights are packed (a 4-bit matrix is stored as a
+                # column of bytes): transformers' bitsandbytes loader checks those shapes.
+                model = _from_pretrained(cls, path, where, dtype, trust_remote_code,
+                                         None if prequantized else config)
             tokenizer_from = tokenizer_from or path
         else:  # hub id
             try:
@@ -230,7 +269,10 @@ def load_model(
                                 f"provide it ({_first_line(exc)}); download it where a network "
                                 f"exists and pass the directory.") from None
             is_mamba = check_family(config.model_type, where, allow_transformers)
-            cls = MambaForCausalLM if is_mamba else AutoModelForCausalLM
+            if getattr(config, "quantization_config", None) is not None:
+                qc = config.quantization_config
+                prequantized = check_prequantized(qc if isinstance(qc, dict) else qc.to_dict(), quantize, where)
+            cls = MAMBA_CLASSES.get(config.model_type, AutoModelForCausalLM)
             model = _from_pretrained(cls, path, where, dtype, trust_remote_code)
             tokenizer_from = tokenizer_from or path
 
@@ -245,15 +287,19 @@ def load_model(
     if is_mamba:
         swap_mixers(model)
         swap_norms(model)
-    return LoadedModel(model=model, tokenizer=tok, is_mamba=is_mamba, source=where)
+    if prequantized is not None:
+        report = adopt_prequantized(model, prequantized, where)
+    else:
+        report = quantize_model(model, quantize, where) if quantize is not None else None
+    return LoadedModel(model=model, tokenizer=tok, is_mamba=is_mamba, source=where, quantization=report)
 
 
 def _random_init(config: PretrainedConfig, dtype, seed):
-    is_mamba = config.model_type == "mamba"
+    is_mamba = config.model_type in MAMBA_CLASSES
     if seed is not None:
         torch.manual_seed(seed)
     if is_mamba:
-        model = MambaForCausalLM(config)
+        model = MAMBA_CLASSES[config.model_type](config)
     else:
         model = AutoModelForCausalLM.from_config(config)
     return model.to(dtype), is_mamba

@@ -19,8 +19,9 @@ from torch.utils.checkpoint import checkpoint
 
 from mamba_ft import ops
 from mamba_ft.compat import SUPPORTED_TRANSFORMERS
-from mamba_ft.ops.projections import (LowRankPath, channels_first, channels_first_to_rows,
-                                  rows_to_channels_first)
+from mamba_ft.modules.quantized import dense_weight, projection_weight
+from mamba_ft.ops.projections import (LowRankPath, QuantizedWeight, channels_first,
+                                      channels_first_to_rows, rows_to_channels_first)
 
 
 @dataclass
@@ -30,9 +31,13 @@ class MixerWeights:
     `in_proj_lora` / `out_proj_lora` carry an optional low-rank side path (x -> x @ A^T @ B^T * s)
     for the two big projections, where adding it to the activations is cheaper than merging it
     into the weight.
+
+    `in_proj_weight` / `out_proj_weight` are quantised (`QuantizedWeight`) when the model's base
+    is (`mamba_ft.models.quantize`): the projections' GEMMs dequantise them as they run. Every
+    other field is a tensor.
     """
 
-    in_proj_weight: torch.Tensor
+    in_proj_weight: torch.Tensor | QuantizedWeight
     in_proj_bias: torch.Tensor | None
     conv_weight: torch.Tensor  # (d_inner, width)
     conv_bias: torch.Tensor | None
@@ -41,7 +46,7 @@ class MixerWeights:
     dt_bias: torch.Tensor
     A_log: torch.Tensor
     D: torch.Tensor
-    out_proj_weight: torch.Tensor
+    out_proj_weight: torch.Tensor | QuantizedWeight
     out_proj_bias: torch.Tensor | None
     in_proj_lora: LowRankPath | None = None
     out_proj_lora: LowRankPath | None = None
@@ -97,17 +102,20 @@ class MambaFTMixer(nn.Module):
         self.recompute_ssm = False
 
     def raw_weights(self) -> MixerWeights:
+        # A bitsandbytes-quantised projection's .weight is packed bytes, never a matrix to read:
+        # the big projections hand over a dequantise-in-the-GEMM weight, the small ones (only
+        # quantised in some pre-quantised checkpoints) their dequantised matrix.
         return MixerWeights(
-            in_proj_weight=self.in_proj.weight,
+            in_proj_weight=projection_weight(self.in_proj),
             in_proj_bias=self.in_proj.bias,
             conv_weight=self.conv1d.weight.squeeze(1),
             conv_bias=self.conv1d.bias,
-            x_proj_weight=self.x_proj.weight,
-            dt_proj_weight=self.dt_proj.weight,
+            x_proj_weight=dense_weight(self.x_proj),
+            dt_proj_weight=dense_weight(self.dt_proj),
             dt_bias=self.dt_proj.bias,
             A_log=self.A_log,
             D=self.D,
-            out_proj_weight=self.out_proj.weight,
+            out_proj_weight=projection_weight(self.out_proj),
             out_proj_bias=self.out_proj.bias,
         )
 

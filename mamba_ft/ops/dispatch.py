@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from mamba_ft.ops import reference
+from mamba_ft.ops import reference, ssd_reference
 
 
 def use_fused(t: torch.Tensor) -> bool:
@@ -22,15 +22,15 @@ def use_fused(t: torch.Tensor) -> bool:
     return available()
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, *, initial_state=None, reset=None):
-    """Selective scan over (batch, d, L); see `mamba_ft.ops.reference.selective_scan`."""
+def selective_scan(*args, **kwargs):
+    """Selective scan over (batch, d, L): the arguments of `reference.selective_scan` (and of
+    the kernel, whose signature a test holds equal), forwarded as given."""
+    u = args[0] if args else kwargs["u"]
     if use_fused(u):
         from mamba_ft.kernels import selective_scan_fn as scan
     else:
         scan = reference.selective_scan
-    return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                initial_state=initial_state, reset=reset)
+    return scan(*args, **kwargs)
 
 
 def causal_conv1d(x, weight, bias=None, initial_state=None, reset=None, activation="silu",
@@ -80,3 +80,26 @@ def causal_conv1d_step(x, conv_state, weight, bias=None, activation="silu"):
     else:
         step = reference.causal_conv1d_step
     return step(x, conv_state, weight, bias, activation=activation)
+
+
+def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
+                              initial_states=None, seq_idx=None, cu_seqlens=None,
+                              dt_softplus=False, dt_limit=(0.0, float("inf")),
+                              return_final_states=False, return_varlen_states=False, *,
+                              reset=None):
+    """Mamba-2's SSD chunked scan; see `mamba_ft.ops.ssd_reference.mamba_chunk_scan_combined`.
+
+    The reference runs on every device for now: mamba-ft has no Triton SSD kernel yet
+    (docs/mamba2.md), so this is the one place a kernel will be plugged in.
+    """
+    return ssd_reference.mamba_chunk_scan_combined(
+        x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
+        dt_softplus, dt_limit, return_final_states, return_varlen_states, reset=reset)
+
+
+def ssd_state_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                   dt_limit=(0.0, float("inf"))):
+    """One decoding step of the SSD scan; see `mamba_ft.ops.ssd_reference.ssd_state_step`
+    (the reference on every device until a decode kernel exists)."""
+    return ssd_reference.ssd_state_step(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                                        dt_softplus=dt_softplus, dt_limit=dt_limit)

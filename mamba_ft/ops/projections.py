@@ -9,11 +9,20 @@ instead copy a transposed input, and copy their output again, at every call and 
 backward (measured: about a third of a training step's GPU time, docs/benchmarks.md).
 
 Gradients come back in the layout their input had, so no copy happens in the backward either.
+
+The weight of in_proj / out_proj may also be a quantised one (`QuantizedWeight`: anything with
+`shape` and `dequantize(dtype)`, e.g. `mamba_ft.modules.quantized`'s bitsandbytes wrapper). The
+GEMM then reads it dequantised into the compute dtype, and the autograd functions keep only the
+quantised object for the backward and dequantise it again there: saving the dequantised
+matrix instead would hold every layer's full-precision weight until the backward, which is
+the memory quantisation exists to save. A quantised weight is frozen (no gradient), while
+the input, and so every adapter feeding or reading it, gets one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +45,32 @@ class LowRankPath:
         return F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype)) * self.scale
 
 
+@runtime_checkable
+class QuantizedWeight(Protocol):
+    """A frozen (out, in) weight stored quantised, materialised only for the GEMM."""
+
+    shape: torch.Size
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The (out, in) matrix in `dtype`, without a gradient."""
+        ...
+
+
+def _dense(w, dtype: torch.dtype | None) -> torch.Tensor:
+    return w if isinstance(w, torch.Tensor) else w.dequantize(dtype)
+
+
+def _save_weight(ctx, w, dtype) -> torch.Tensor | None:
+    # A tensor weight is saved as autograd saves it (no copy); a quantised one is kept as the
+    # quantised object and dequantised again in the backward (see the module docstring).
+    ctx.quantized, ctx.dtype = (None, None) if isinstance(w, torch.Tensor) else (w, dtype)
+    return w if isinstance(w, torch.Tensor) else None
+
+
+def _saved_weight(ctx, saved: torch.Tensor | None) -> torch.Tensor:
+    return saved if ctx.quantized is None else ctx.quantized.dequantize(ctx.dtype)
+
+
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype a matmul on `t` runs in: autocast's where it is on, else `t`'s own."""
     if torch.is_autocast_enabled(t.device.type):
@@ -52,40 +87,49 @@ class _RowsToChannelsFirst(torch.autograd.Function):
     """(batch, L, in) x (out, in) -> (batch, out, L), i.e. W @ x^T per batch row."""
 
     @staticmethod
-    def forward(ctx, x, w):
+    def forward(ctx, x, w, dtype=None):
         # The input is kept only for the weight's gradient (a frozen weight needs none).
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w)
-        return torch.bmm(_broadcast(w, x.shape[0]), x.mT)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, _save_weight(ctx, w, dtype))
+        return torch.bmm(_broadcast(_dense(w, dtype), x.shape[0]), x.mT)
 
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
+        w = _saved_weight(ctx, w)
         dx = torch.bmm(g.mT, _broadcast(w, g.shape[0])) if ctx.needs_input_grad[0] else None
         dw = torch.bmm(g, x).sum(0) if ctx.needs_input_grad[1] else None
-        return dx, dw
+        return dx, dw, None
 
 
 class _ChannelsFirstToRows(torch.autograd.Function):
     """(batch, in, L) x (out, in) -> (batch, L, out), i.e. y^T @ W^T per batch row."""
 
     @staticmethod
-    def forward(ctx, y, w):
-        ctx.save_for_backward(y if ctx.needs_input_grad[1] else None, w)
-        return torch.bmm(y.mT, _broadcast(w.t(), y.shape[0]))
+    def forward(ctx, y, w, dtype=None):
+        ctx.save_for_backward(y if ctx.needs_input_grad[1] else None, _save_weight(ctx, w, dtype))
+        return torch.bmm(y.mT, _broadcast(_dense(w, dtype).t(), y.shape[0]))
 
     @staticmethod
     def backward(ctx, g):
         y, w = ctx.saved_tensors
+        w = _saved_weight(ctx, w)
         dy = torch.bmm(_broadcast(w.t(), g.shape[0]), g.mT) if ctx.needs_input_grad[0] else None
         dw = torch.bmm(g.mT, y.mT).sum(0) if ctx.needs_input_grad[1] else None
-        return dy, dw
+        return dy, dw, None
+
+
+def _weight_in(weight, dtype: torch.dtype):
+    """A tensor weight cast to `dtype`; a quantised one as it is (dequantised in the GEMM)."""
+    return weight.to(dtype) if isinstance(weight, torch.Tensor) else weight
 
 
 def rows_to_channels_first(x, weight, bias=None, lora: LowRankPath | None = None):
-    """(batch, L, in) -> (batch, out, L), contiguous along time: the mixer's in_proj."""
+    """(batch, L, in) -> (batch, out, L), contiguous along time: the mixer's in_proj.
+
+    `weight`: an (out, in) tensor or a `QuantizedWeight`."""
     dtype = compute_dtype(x)
-    x, w = x.to(dtype), weight.to(dtype)
-    y = _RowsToChannelsFirst.apply(x, w)
+    x, w = x.to(dtype), _weight_in(weight, dtype)
+    y = _RowsToChannelsFirst.apply(x, w, dtype)
     if bias is not None:
         y = y + bias.to(dtype)[:, None]
     if lora is not None:
@@ -96,10 +140,12 @@ def rows_to_channels_first(x, weight, bias=None, lora: LowRankPath | None = None
 
 
 def channels_first_to_rows(y, weight, bias=None, lora: LowRankPath | None = None):
-    """(batch, in, L) -> (batch, L, out), contiguous: the mixer's out_proj."""
+    """(batch, in, L) -> (batch, L, out), contiguous: the mixer's out_proj.
+
+    `weight`: an (out, in) tensor or a `QuantizedWeight`."""
     dtype = compute_dtype(y)
-    y, w = y.to(dtype), weight.to(dtype)
-    out = _ChannelsFirstToRows.apply(y, w)
+    y, w = y.to(dtype), _weight_in(weight, dtype)
+    out = _ChannelsFirstToRows.apply(y, w, dtype)
     if bias is not None:
         out = out + bias.to(dtype)
     if lora is not None:

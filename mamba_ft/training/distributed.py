@@ -97,20 +97,18 @@ def plain_multiprocess_accelerate():
 
 
 def check_fsdp2_recipe(recipe) -> None:
-    """Refuse the recipe settings the FSDP2 path does not run correctly."""
-    if recipe.precision.mode == "fp16":
-        # The loss scaler's overflow check would see only this process's gradient shard, so
-        # processes could disagree on skipping a step.
-        raise UserError("precision.mode fp16 is not supported with FSDP2; use precision.mode: bf16 "
-                        "(no loss scaling needed) or launch with " + DDP_CONFIG + ".")
+    """Refuse the recipe settings the FSDP2 path does not run correctly (the precision ones
+    are the precision policy's to check, with fsdp2=True)."""
     if recipe.run.merge_at_end:
         raise UserError("run.merge_at_end is not supported with FSDP2; train with it off and merge the "
                         "saved adapter afterwards: mamba-ft merge OUTPUT_DIR/adapter --out MERGED_DIR.")
-    if recipe.adapter is not None and recipe.adapter.frozen_dtype != "float32":
-        # fully_shard all-gathers a block's parameters as one buffer of one dtype.
-        raise UserError(f"adapter.frozen_dtype {recipe.adapter.frozen_dtype} is not supported with "
-                        f"FSDP2 (it shards every block's parameters in one dtype); set "
-                        f"adapter.frozen_dtype: float32 or launch with {DDP_CONFIG}.")
+    recipe.precision_policy().check(adapter=recipe.adapter is not None, merge_at_end=False,
+                                    cuda_graphs=recipe.run.cuda_graphs, fsdp2=True)
+    if recipe.model.quantize.enabled:
+        # FSDP2 shards a block's parameters as one flat dtype; bitsandbytes' packed weights and
+        # their quantisation states are not shardable that way.
+        raise UserError(f"model.quantize {recipe.model.quantize.kind} is not supported with FSDP2; "
+                        f"launch with configs/accelerate/ddp.yaml or one process.")
 
 
 def _layer_class_names(model: nn.Module, settings: Fsdp2Settings) -> tuple[str, ...]:

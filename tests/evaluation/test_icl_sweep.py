@@ -130,10 +130,17 @@ def test_fine_tuned_against_base_and_in_memory_model(tiny_mamba_dir, tmp_path):
     loaded.model.train()  # as a training loop would hand it over
     specs = [ModelSpec("base", str(tiny_mamba_dir)),
              ModelSpec("tuned", str(tiny_mamba_dir), adapter=str(adapter_dir)),
-             ModelSpec("in_memory", model=loaded.model, tokenizer=loaded.tokenizer)]
+             ModelSpec("in_memory", model=loaded.model, tokenizer=loaded.tokenizer),
+             # The adapter directory alone names the fine-tuned model (`--model tuned2=ADAPTER_DIR`).
+             ModelSpec("tuned2", str(adapter_dir))]
     result = run_icl_sweep(specs, tasks=["icl_sort_letters"], shots=(0, 1), seeds=(5,), limit=8,
                            baseline="base", log=lambda line: None)
     assert loaded.model.training  # handed back in the mode it came in
+    # The results record the adapter each model was evaluated with, however it was named.
+    for label in ("tuned", "tuned2"):
+        assert result.models[label]["adapter"] == str(adapter_dir), label
+        assert result.models[label]["source"] == str(tiny_mamba_dir), label
+    assert result.models["base"]["adapter"] is None
 
     def rows(label):
         return [(r["task"], r["shots"], r["metric"], r["value"]) for r in result.scores if r["model"] == label]
@@ -141,9 +148,9 @@ def test_fine_tuned_against_base_and_in_memory_model(tiny_mamba_dir, tmp_path):
     # The saved adapter is loaded and used: the fine-tuned model scores as the in-memory model
     # it was saved from, and not as its base. (That its numbers are the merged weights' is
     # checked at the log-likelihood level in test_icl_lm_eval_model.py.)
-    assert rows("tuned") == rows("in_memory")
+    assert rows("tuned") == rows("in_memory") == rows("tuned2")
     assert rows("tuned") != rows("base")
-    assert result.baseline == "base" and set(result.ratios) == {"tuned", "in_memory"}
+    assert result.baseline == "base" and set(result.ratios) == {"tuned", "in_memory", "tuned2"}
     base_gain = result.gains["base"]["mean"]
     for label in result.ratios:
         expected = result.gains[label]["mean"] / base_gain if base_gain else None

@@ -229,3 +229,21 @@ def test_scan_gpu_mixer_layout():
 @pytest.mark.skipif(IN_PROCESS, reason="the tests above run in this process")
 def test_kernels_under_interpreter_subprocess():
     run_file_under_interpreter(__file__)
+
+
+def test_kernel_and_reference_take_the_same_arguments():
+    """One argument list: the reference's signature (less its chunk_size tuning knob) is the
+    kernel's, so the dispatcher and the drop-in forward calls unchanged to either."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    kernel_file = Path(reference.__file__).resolve().parents[2] / "kernels" / "triton" / "selective_scan.py"
+    kernel_def = next(node for node in ast.parse(kernel_file.read_text()).body
+                      if isinstance(node, ast.FunctionDef) and node.name == "selective_scan_fn")
+    kernel_args = kernel_def.args
+    kernel = ([a.arg for a in kernel_args.args], [a.arg for a in kernel_args.kwonlyargs])
+    params = inspect.signature(reference.selective_scan).parameters.values()
+    ref = ([p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD],
+           [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "chunk_size"])
+    assert kernel == ref

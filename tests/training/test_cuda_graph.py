@@ -14,6 +14,9 @@ import pytest
 import torch
 
 import mamba_ft.training.loop as train_mod
+import mamba_ft.training.setup as setup_mod
+import mamba_ft.training.step as step_mod
+from mamba_ft.training import run_dir
 from mamba_ft import data as data_lib
 from mamba_ft.errors import UserError
 from mamba_ft.recipe import validate_recipe
@@ -57,8 +60,8 @@ def test_multi_process_launch_is_refused(tmp_path):
     recipe = validate_recipe(recipe_dict(tmp_path, cuda_graphs=True))
     two_gpus = SimpleNamespace(device=torch.device("cuda", 0), num_processes=2)
     with pytest.raises(UserError, match="runs on one GPU and this launch has 2 processes"):
-        train_mod._check_cuda_graphs(recipe, two_gpus)
-    train_mod._check_cuda_graphs(recipe, SimpleNamespace(device=torch.device("cuda", 0), num_processes=1))
+        setup_mod.check_cuda_graphs(recipe, two_gpus)
+    setup_mod.check_cuda_graphs(recipe, SimpleNamespace(device=torch.device("cuda", 0), num_processes=1))
 
 
 def test_fixed_length_batches_pad_and_refuse_longer_rows():

@@ -136,7 +136,7 @@ def test_fsdp1_deepspeed_and_unsupported_fsdp2_options_are_refused(monkeypatch, 
         distributed.check_fsdp2_recipe(load_recipe(recipe, ["precision.mode=fp16"]))
     with pytest.raises(UserError, match="merge_at_end is not supported with FSDP2.*mamba-ft merge"):
         distributed.check_fsdp2_recipe(load_recipe(recipe, ["run.merge_at_end=true"]))
-    with pytest.raises(UserError, match="frozen_dtype bfloat16 is not supported with FSDP2"):
+    with pytest.raises(UserError, match="frozen_base bf16 is not supported with FSDP2"):
         distributed.check_fsdp2_recipe(load_recipe(recipe, ["adapter.frozen_dtype=bfloat16"]))
 
 

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 
 import mamba_ft.training.loop as train_mod
+import mamba_ft.training.setup as setup_mod
+import mamba_ft.training.step as step_mod
+from mamba_ft.training import run_dir
 from mamba_ft.cli import main
 from mamba_ft.errors import UserError
 from mamba_ft.models import load_model
@@ -93,7 +96,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
     full = train_mod.train(validate_recipe(recipe_dict(tmp_path / "full", max_steps=6, save_every=3)))
 
     calls = {"n": 0}
-    real_forward = train_mod._forward_loss_sum
+    real_forward = step_mod.forward_loss_sum
 
     def interrupt_at_step_4(model, batch, accelerator, backward_scale=None):
         if backward_scale is not None:
@@ -102,10 +105,10 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
                 raise KeyboardInterrupt
         return real_forward(model, batch, accelerator, backward_scale)
 
-    monkeypatch.setattr(train_mod, "_forward_loss_sum", interrupt_at_step_4)
+    monkeypatch.setattr(step_mod, "forward_loss_sum", interrupt_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         train_mod.train(validate_recipe(recipe_dict(tmp_path / "cut", max_steps=6, save_every=3)))
-    monkeypatch.setattr(train_mod, "_forward_loss_sum", real_forward)
+    monkeypatch.setattr(step_mod, "forward_loss_sum", real_forward)
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-3"]
 
     resumed = train_mod.train(validate_recipe(recipe_dict(tmp_path / "cut", max_steps=6, save_every=3,
@@ -139,7 +142,7 @@ def test_output_dir_guards(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
-    real_forward = train_mod._forward_loss_sum
+    real_forward = step_mod.forward_loss_sum
     calls = {"n": 0}
 
     def nan_at_step_3(model, batch, accelerator, backward_scale=None):
@@ -150,7 +153,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(train_mod, "_forward_loss_sum", nan_at_step_3)
+    monkeypatch.setattr(step_mod, "forward_loss_sum", nan_at_step_3)
     with pytest.raises(UserError) as info:
         train_mod.train(validate_recipe(recipe_dict(tmp_path, max_steps=5, save_every=1)))
     # Step 3 started from the weights of step-2, so step-2 is set aside and step-1 is named.
@@ -158,7 +161,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert "became nan at step 3" in message and f"is {tmp_path / 'checkpoints' / 'step-1'};" in message
     assert (tmp_path / "checkpoints" / "step-1" / "trainer_state.json").is_file()
     assert (tmp_path / "checkpoints" / "nonfinite-step-2" / "trainer_state.json").is_file()
-    assert train_mod.run_dir.latest_checkpoint(tmp_path).name == "step-1"  # what resume: auto takes
+    assert run_dir.latest_checkpoint(tmp_path).name == "step-1"  # what resume: auto takes
 
 
 def test_nonfinite_stop_names_a_checkpoint_that_resumes_finite(tmp_path):
@@ -386,7 +389,7 @@ def test_unsupported_launches_are_refused_with_the_ddp_config(kind):
     from accelerate.utils import DistributedType
 
     with pytest.raises(UserError, match="configs/accelerate/ddp.yaml"):
-        train_mod._check_distributed(SimpleNamespace(distributed_type=DistributedType[kind]))
+        setup_mod.check_distributed(SimpleNamespace(distributed_type=DistributedType[kind]))
 
 
 def test_shipped_accelerate_configs_parse():
@@ -443,15 +446,74 @@ def test_logits_reach_the_loss_in_the_autocast_dtype(tmp_path, monkeypatch):
     autocast itself). (transformers' MambaForCausalLM casts its logits to fp32 in its own
     forward, so a Mamba's loss sees fp32 either way.)"""
     seen = []
-    real = train_mod.next_token_loss_sum
+    real = step_mod.next_token_loss_sum
 
     def record(logits, labels, ignore_index):
         seen.append(logits.dtype)
         return real(logits, labels, ignore_index)
 
-    monkeypatch.setattr(train_mod, "next_token_loss_sum", record)
+    monkeypatch.setattr(step_mod, "next_token_loss_sum", record)
     d = recipe_dict(tmp_path, max_steps=1)
     d["model"]["source"] = dict(TINY_NEOX)
     d["precision"] = {"mode": "bf16"}
     train_mod.train(validate_recipe(d))
     assert seen and set(seen) == {torch.bfloat16}
+
+
+def test_resuming_a_finished_run_trains_and_writes_nothing(tmp_path, capsys):
+    """The same command run again after the run ended: no training, no duplicate eval row, the
+    files as they were, and one line saying so."""
+    import yaml
+
+    d = recipe_dict(tmp_path / "run", max_steps=4, save_every=2)
+    first = train_mod.train(validate_recipe(d))
+    metrics_before = first.metrics_path.read_text()
+    adapter_or_model = sorted(p.name for p in first.output_dir.iterdir())
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump({**d, "run": {**d["run"], "resume": "auto"}}))
+    capsys.readouterr()
+    again = train_mod.train_from_recipe(str(recipe_path))
+    assert again.already_finished and again.steps == 4
+    assert again.step_losses == first.step_losses
+    assert first.metrics_path.read_text() == metrics_before
+    assert sorted(p.name for p in first.output_dir.iterdir()) == adapter_or_model
+    assert "nothing to train" in capsys.readouterr().out
+
+
+def test_ctrl_c_says_where_to_resume_and_exits_130(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    real_forward = step_mod.forward_loss_sum
+    calls = {"n": 0}
+
+    def interrupt_at_step_4(model, batch, accelerator, backward_scale=None):
+        if backward_scale is not None:
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise KeyboardInterrupt
+        return real_forward(model, batch, accelerator, backward_scale)
+
+    monkeypatch.setattr(step_mod, "forward_loss_sum", interrupt_at_step_4)
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe_dict(tmp_path / "run", max_steps=6, save_every=3)))
+    assert main(["train", str(recipe_path)]) == 130
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "mamba-ft: interrupted" in captured.err
+    newest = tmp_path / "run" / "checkpoints" / "step-3"
+    assert f"interrupted at step 3 of 6: the newest checkpoint is {newest}" in captured.out
+    assert "run.resume=auto" in captured.out
+
+
+def test_cli_version_help_and_debug_after_the_subcommand(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"mamba-ft {version('mamba-ft')}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    assert "Fine-tune Mamba" in help_text and "parse the arguments" not in help_text
+    with pytest.raises(UserError):  # --debug after the subcommand: the error is raised, not printed
+        main(["info", "/nonexistent/model", "--debug"])
+    assert main(["info", "/nonexistent/model"]) == 2

@@ -1,0 +1,386 @@
+"""4-bit and 8-bit base weights through bitsandbytes (QLoRA): which modules, how, and back.
+
+`model.quantize` in a recipe (`QuantizeConfig`) names the format (`nf4`, `fp4`, `int8`) and
+which modules hold it: by default every mixer's `in_proj` and `out_proj`, the bulk of a Mamba's
+parameters. x_proj, dt_proj, conv1d, the norms and the recurrence parameters stay in the
+compute dtype (small, read whole by the kernels and by the adapters' effective weights); the
+embeddings stay too (bitsandbytes 0.50's Embedding4bit/Embedding8bit cannot write a state
+dict, so no checkpoint or merge could be made), and so does lm_head (transformers'
+`MambaForCausalLM.forward` casts the hidden states to `lm_head.weight.dtype`, which for a
+quantised head is its packed uint8 / int8 storage: wrong logits and no gradient).
+
+The quantised modules are bitsandbytes' own `Linear4bit` (weight a `Params4bit`) and
+`Linear8bitLt` (an `Int8Params`), so state dicts, `save_pretrained` and memory are real.
+mamba-ft's mixer reads them through `mamba_ft.modules.quantized`: its GEMMs dequantise the
+weight into the compute dtype as they run and again in the backward, never storing the full
+matrix, and no gradient reaches it. The adapters sit on top exactly as on a full-precision
+base.
+
+- `quantize_model(model, config)`: quantise a loaded Mamba in place; returns the report.
+- `check_prequantized(...)`: a checkpoint saved quantised (transformers' `quantization_config`)
+  must agree with the recipe; transformers' own bitsandbytes loader then reads it.
+- `dequantize_model(model)`: plain Linears holding the dequantised matrices (for merging: the
+  merged weights are the ones the adapters were trained against).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
+
+from mamba_ft.errors import UserError, did_you_mean
+from mamba_ft.models.swap import mixers
+from mamba_ft.modules.mamba_mixer import MambaFTMixer
+from mamba_ft.modules.quantized import dequantized_weight, is_quantized, quantization_kind
+
+KINDS = ("none", "nf4", "fp4", "int8")
+MIXER_MODULES = ("in_proj", "out_proj", "x_proj", "dt_proj")
+QUANTIZABLE = MIXER_MODULES
+DEFAULT_MODULES = ["in_proj", "out_proj"]
+# The bitsandbytes versions this was tested with (pyproject's `qlora` extra says the same).
+TESTED_BITSANDBYTES = ">=0.50,<0.51"
+_ATTR = "mamba_ft_quantization"
+
+
+class QuantizeConfig(BaseModel):
+    """The recipe's `model.quantize`: a format name, or a mapping with the options below."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["none", "nf4", "fp4", "int8"] = Field(
+        "none", description="none, nf4, fp4 (4-bit, QLoRA) or int8 (LLM.int8() row-wise)")
+    double_quant: bool | None = Field(
+        None, description="4-bit only: quantise the block scales too (about 0.4 bits per "
+                          "weight less); default true, or what a pre-quantised checkpoint has")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="the dtype the weights are quantised from and dequantised into for "
+                            "the GEMMs; auto = precision.mode's (bf16 -> bfloat16, fp16 -> "
+                            "float16, fp32 -> float32)")
+    modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_MODULES),
+        description="which mixer modules hold quantised weights: in_proj, out_proj (default), "
+                    "x_proj, dt_proj")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone(cls, value):
+        # `model.quantize: nf4` is short for `model.quantize: {kind: nf4}`; null means none.
+        if value is None:
+            return {"kind": "none"}
+        if isinstance(value, str):
+            value = {"kind": value}
+        if isinstance(value, dict) and isinstance(value.get("kind"), str):
+            kind = value["kind"].lower()
+            if kind not in KINDS:
+                raise ValueError(f"unknown quantisation {value['kind']!r} (choose one of "
+                                 f"{', '.join(KINDS)}){did_you_mean(kind, list(KINDS))}")
+            value = {**value, "kind": kind}
+        return value
+
+    @field_validator("modules")
+    @classmethod
+    def _known_modules(cls, modules: list[str]) -> list[str]:
+        for name in modules:
+            if name == "embeddings":
+                raise ValueError("the embeddings cannot be quantised: bitsandbytes' Embedding4bit / "
+                                 "Embedding8bit cannot write a state dict, so no checkpoint or merge "
+                                 "could be saved; leave 'embeddings' out")
+            if name == "lm_head":
+                raise ValueError("lm_head cannot be quantised: transformers' MambaForCausalLM casts "
+                                 "the hidden states to lm_head.weight.dtype, which for a quantised "
+                                 "head is its packed integer storage; leave 'lm_head' out")
+            if name not in QUANTIZABLE:
+                raise ValueError(f"{name!r} cannot be quantised (choose from {', '.join(QUANTIZABLE)})"
+                                 f"{did_you_mean(name, list(QUANTIZABLE))}")
+        if len(set(modules)) != len(modules) or not modules:
+            raise ValueError("name each module once, and at least one")
+        return modules
+
+    @model_validator(mode="after")
+    def _options_fit_kind(self):
+        if self.kind == "int8" and self.double_quant is not None:
+            raise ValueError("double_quant applies to the 4-bit formats (nf4, fp4) only; remove it "
+                             "for int8")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+    def for_precision(self, mode: str) -> "QuantizeConfig":
+        """A copy with compute_dtype 'auto' resolved from a recipe's precision.mode."""
+        if self.compute_dtype != "auto":
+            return self
+        dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(mode, "float32")
+        return self.model_copy(update={"compute_dtype": dtype})
+
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, "float32" if self.compute_dtype == "auto" else self.compute_dtype)
+
+
+@dataclass
+class QuantizationReport:
+    """What was quantised: per module name, how many, their parameters, bytes before and after."""
+
+    kind: str
+    double_quant: bool | None
+    compute_dtype: str
+    rows: dict[str, list[int]] = field(default_factory=dict)  # name -> [count, params, before, after]
+    base_bytes: int = 0  # every base parameter and buffer of the model, after quantising
+    source: str = "quantised at load"
+
+    def record(self) -> dict:
+        """What an adapter file keeps so `mamba-ft merge` can rebuild the same base."""
+        data = {"kind": self.kind, "compute_dtype": self.compute_dtype, "modules": list(self.rows)}
+        if self.double_quant is not None:
+            data["double_quant"] = self.double_quant
+        return data
+
+    def format(self) -> str:
+        options = [f"compute dtype {self.compute_dtype}"]
+        if self.double_quant is not None:
+            options.insert(0, "double quantisation" if self.double_quant else "no double quantisation")
+        lines = [f"base weights {self.kind} ({', '.join(options)}; {self.source}):",
+                 f"{'module':<10}{'modules':>9}{'parameters':>14}{'bytes before':>16}{'bytes after':>15}"]
+        total_before = total_after = 0
+        for name, (count, params, before, after) in self.rows.items():
+            lines.append(f"{name:<10}{count:>9}{params:>14,}{before:>16,}{after:>15,}")
+            total_before += before
+            total_after += after
+        kept = [n for n in ("x_proj", "dt_proj") if n not in self.rows]
+        kept += ["conv1d", "A_log", "D", "norms", "embeddings", "lm_head"]
+        lines.append(f"kept in {self.compute_dtype}: {', '.join(kept)}")
+        lines.append(f"base model: {self.base_bytes / 2**20:,.2f} MiB of weights "
+                     f"({(self.base_bytes + total_before - total_after) / 2**20:,.2f} MiB unquantised)")
+        return "\n".join(lines)
+
+
+def quantization_of(model: nn.Module) -> QuantizationReport | None:
+    """The report of the quantisation applied to `model` by mamba-ft, if any."""
+    return getattr(model, _ATTR, None)
+
+
+def base_weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer, with each quantised weight's statistics."""
+    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    for module in model.modules():
+        if is_quantized(module):
+            total += _statistics_bytes(module)
+    return total
+
+
+def _statistics_bytes(module: nn.Module) -> int:
+    if quantization_kind(module) == "int8":
+        scb = getattr(module.weight, "SCB", None)
+        scb = module.state.SCB if scb is None else scb
+        return scb.numel() * scb.element_size()
+    state = getattr(module.weight, "quant_state", None) or module.quant_state
+    return sum(v.numel() * v.element_size() for v in state.as_dict(packed=True).values()
+               if isinstance(v, torch.Tensor))
+
+
+def _quantized_bytes(module: nn.Module) -> int:
+    return module.weight.numel() * module.weight.element_size() + _statistics_bytes(module)
+
+
+def _require_bitsandbytes(kind: str, device: torch.device):
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserError(f"model.quantize: {kind} needs bitsandbytes, which is not installed; install "
+                        f"it with pip install 'mamba-ft[qlora]' (bitsandbytes {TESTED_BITSANDBYTES}), "
+                        f"or set model.quantize: none.") from None
+    # Quantise a tiny matrix first: a bitsandbytes build without a backend for this device
+    # (no native library for it, an unsupported CPU) fails here with its own error, which is
+    # turned into one message instead of a traceback halfway through the model.
+    probe = torch.randn(8, 64, device=device)
+    try:
+        if kind == "int8":
+            bnb.functional.int8_vectorwise_quant(probe.half())
+        else:
+            bnb.functional.quantize_4bit(probe, quant_type=kind)
+    except Exception as exc:  # bitsandbytes raises RuntimeError, NotImplementedError, OSError...
+        raise UserError(f"model.quantize: {kind} cannot run on {device.type} with bitsandbytes "
+                        f"{bnb.__version__} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                        f"use a device bitsandbytes supports, or set model.quantize: none.") from None
+    return bnb
+
+
+def _quantized_linear(bnb, linear: nn.Linear, config: QuantizeConfig) -> nn.Module:
+    """A bitsandbytes Linear holding `linear`'s weight quantised (on the weight's device)."""
+    device, dtype = linear.weight.device, config.torch_dtype()
+    weight = linear.weight.detach()
+    has_bias = linear.bias is not None
+    if config.kind == "int8":
+        q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
+                                has_fp16_weights=False, threshold=0.0, device="meta")
+        # Int8Params quantises when moved off the CPU or onto it from the CPU, so start there.
+        q.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False).to(device)
+    else:
+        double = True if config.double_quant is None else config.double_quant
+        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
+                              compute_dtype=dtype, compress_statistics=double,
+                              quant_type=config.kind, device="meta")
+        # Quantised from the compute dtype, so dequantising gives that dtype with no extra cast.
+        q.weight = bnb.nn.Params4bit(weight.to(dtype), requires_grad=False, compress_statistics=double,
+                                     quant_type=config.kind, module=q).to(device)
+    if has_bias:
+        q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return q
+
+
+def _mamba1_mixers(model: nn.Module, config: QuantizeConfig, where: str) -> list[MambaFTMixer]:
+    """The Mamba-1 mixers, whose forward reads quantised weights (modules/quantized.py); any
+    other mixer would read a quantised weight's packed bytes as a matrix, so it is refused."""
+    all_mixers = mixers(model)
+    if not all_mixers:
+        raise UserError(f"model.quantize: {config.kind} is implemented for Mamba models, and {where} is "
+                        f"not one (or its mixers were not swapped: load it with mamba_ft.models."
+                        f"load_model); set model.quantize: none for a Transformer baseline.")
+    others = sorted({type(m).__name__ for m in all_mixers if not isinstance(m, MambaFTMixer)})
+    if others:
+        raise UserError(f"model.quantize: {config.kind} is implemented for Mamba-1 mixers only, and "
+                        f"{where} has {', '.join(others)}; set model.quantize: none.")
+    return all_mixers
+
+
+def _targets(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """(name, parent, attribute, module) for each module a config names."""
+    found = []
+    for mixer in mixers(model):
+        for name in names:
+            if name in MIXER_MODULES:
+                found.append((name, mixer, name, getattr(mixer, name)))
+    return found
+
+
+def quantize_model(model: nn.Module, config: QuantizeConfig, where: str = "this model") -> QuantizationReport | None:
+    """Replace the modules `config` names by bitsandbytes ones holding their weights quantised.
+
+    In place; returns the report (None for `kind: none`). The model must be a Mamba with
+    mamba-ft's mixers (load_model swaps them in).
+    """
+    if not config.enabled:
+        return None
+    if quantization_of(model) is not None or any(is_quantized(m) for m in model.modules()):
+        raise UserError(f"{where} is already quantised; quantise a full-precision model once.")
+    _mamba1_mixers(model, config, where)
+    bnb = _require_bitsandbytes(config.kind, next(model.parameters()).device)
+    report = QuantizationReport(config.kind, None if config.kind == "int8" else
+                                (True if config.double_quant is None else config.double_quant),
+                                config.compute_dtype if config.compute_dtype != "auto" else "float32")
+    dtype = config.torch_dtype()
+    for name, parent, attr, linear in _targets(model, config.modules):
+        before = linear.weight.numel() * dtype.itemsize
+        q = _quantized_linear(bnb, linear, config)
+        setattr(parent, attr, q)
+        row = report.rows.setdefault(name, [0, 0, 0, 0])
+        row[0] += 1
+        row[1] += linear.weight.numel()
+        row[2] += before
+        row[3] += _quantized_bytes(q)
+    report.base_bytes = base_weight_bytes(model)
+    object.__setattr__(model, _ATTR, report)
+    return report
+
+
+def _prequantized_kind(qc: dict, where: str) -> tuple[str, bool | None]:
+    method = qc.get("quant_method")
+    if method != "bitsandbytes":
+        raise UserError(f"{where} was saved quantised with {method!r}; mamba-ft reads bitsandbytes "
+                        f"checkpoints only. Use the full-precision checkpoint with model.quantize.")
+    if qc.get("load_in_4bit") or qc.get("_load_in_4bit"):
+        return str(qc.get("bnb_4bit_quant_type", "fp4")), bool(qc.get("bnb_4bit_use_double_quant", False))
+    if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
+        return "int8", None
+    raise UserError(f"{where} has a bitsandbytes quantization_config that is neither 4-bit nor 8-bit; "
+                    f"save it again, or use the full-precision checkpoint.")
+
+
+def check_prequantized(qc: dict, config: QuantizeConfig | None, where: str) -> QuantizeConfig:
+    """A checkpoint saved quantised must be what the recipe asks for: the same format and, where
+    the recipe says, the same double quantisation. Returns the config to load it with."""
+    kind, double = _prequantized_kind(qc, where)
+    asked = config.kind if config is not None else "none"
+    described = kind + ("" if double is None else (" with" if double else " without") + " double quantisation")
+    if asked != kind:
+        raise UserError(f"{where} is saved quantised ({described}) but model.quantize is {asked}; set "
+                        f"model.quantize: {kind}, or load a full-precision checkpoint to quantise it "
+                        f"as {asked}.")
+    if config.double_quant is not None and double is not None and config.double_quant != double:
+        raise UserError(f"{where} is saved quantised ({described}) but model.quantize.double_quant is "
+                        f"{str(config.double_quant).lower()}; set it to {str(double).lower()} (or leave "
+                        f"it out), or quantise a full-precision checkpoint.")
+    return config
+
+
+def adopt_prequantized(model: nn.Module, config: QuantizeConfig, where: str) -> QuantizationReport:
+    """Report a checkpoint transformers loaded quantised; its quantised modules must be the
+    ones the recipe names (when it names them)."""
+    _mamba1_mixers(model, config, where)
+    found: dict[str, list[nn.Module]] = {}
+    for mixer in mixers(model):
+        for name in MIXER_MODULES:
+            if is_quantized(getattr(mixer, name)):
+                found.setdefault(name, []).append(getattr(mixer, name))
+    head = model.get_output_embeddings()
+    if head is not None and is_quantized(head):
+        raise UserError(f"{where} is saved with a quantised lm_head, which transformers' Mamba cannot "
+                        f"run (it casts the hidden states to the head's packed dtype); save it with "
+                        f"llm_int8_skip_modules: [lm_head], or quantise a full-precision checkpoint.")
+    if "modules" in config.model_fields_set and sorted(found) != sorted(config.modules):
+        raise UserError(f"{where} is saved with {', '.join(sorted(found)) or 'nothing'} quantised but "
+                        f"model.quantize.modules is {', '.join(config.modules)}; set modules to "
+                        f"[{', '.join(sorted(found))}] (or leave it out to take the checkpoint's).")
+    kinds = {quantization_kind(m) for ms in found.values() for m in ms}
+    if kinds != {config.kind}:
+        raise UserError(f"{where} holds {', '.join(sorted(k or 'none' for k in kinds))} weights, not "
+                        f"{config.kind}; save it again, or quantise a full-precision checkpoint.")
+    first = next(iter(found.values()))[0]
+    double = None if config.kind == "int8" else bool(first.weight.quant_state.nested)
+    dtype = str(dequantized_weight(first).dtype).removeprefix("torch.")
+    report = QuantizationReport(config.kind, double, dtype, source="saved quantised")
+    for name, modules in found.items():
+        report.rows[name] = [len(modules), sum(m.out_features * m.in_features for m in modules),
+                             sum(m.out_features * m.in_features * dequantized_weight(m).element_size()
+                                 for m in modules),
+                             sum(_quantized_bytes(m) for m in modules)]
+    report.base_bytes = base_weight_bytes(model)
+    object.__setattr__(model, _ATTR, report)
+    return report
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Replace every bitsandbytes Linear by an nn.Linear holding its dequantised matrix in
+    `dtype` (fp32 holds every dequantised value exactly); returns how many. The model is a
+    plain transformers model afterwards (its config loses any quantization_config)."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for attr, child in list(parent.named_children()):
+            if not is_quantized(child):
+                continue
+            weight = dequantized_weight(child).to(dtype)
+            plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                              device="meta")
+            plain.weight = nn.Parameter(weight, requires_grad=False)
+            if child.bias is not None:
+                plain.bias = nn.Parameter(child.bias.detach().to(dtype), requires_grad=False)
+            setattr(parent, attr, plain)
+            replaced += 1
+    if hasattr(model, _ATTR):
+        object.__delattr__(model, _ATTR)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    # A checkpoint transformers loaded quantised carries its quantizer and flags, which
+    # save_pretrained would write back as a quantization_config.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+        if getattr(model, flag, False) is True:
+            setattr(model, flag, False)
+    return replaced

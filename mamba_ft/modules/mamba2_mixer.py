@@ -1,0 +1,199 @@
+"""mamba-ft's Mamba-2 mixer: transformers' `Mamba2Mixer` parameters, mamba-ft's ops.
+
+The module owns exactly the parameters transformers' mixer owns, under the same names
+(conv1d, in_proj, dt_bias, A_log, norm.weight, D, out_proj), so state dicts move between the
+two unchanged. Every weight the forward reads comes from `mixer_weights()` (the adapter hook)
+and every op goes through `mamba_ft.ops`. Layout, as transformers and mamba_ssm:
+  in_proj -> [gate z (d_inner) | x (d_inner) | B (groups * N) | C (groups * N) | dt (heads)]
+  conv1d runs over [x | B | C] (conv_dim channels), then silu
+  x splits into heads of head_dim channels; head i reads B and C of group i // (heads / groups)
+  SSD scan (dt_bias + softplus + time_step_limit, D skip) -> gated RMSNorm with z -> out_proj
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mamba_ft import ops
+from mamba_ft.modules.forward_contract import (OUTPUT_ONLY_KEYWORDS, one_cache,
+                                               refuse_recording_cache, refuse_unknown_keywords)
+from mamba_ft.modules.gated_rms_norm import MambaFTRMSNormGated, gated_rms_norm
+
+
+@dataclass
+class Mamba2MixerWeights:
+    """The tensors one Mamba-2 mixer forward reads, after any adapter has been applied."""
+
+    in_proj_weight: torch.Tensor  # (2 * d_inner + 2 * groups * N + heads, hidden)
+    in_proj_bias: torch.Tensor | None
+    conv_weight: torch.Tensor  # (conv_dim, width)
+    conv_bias: torch.Tensor | None
+    dt_bias: torch.Tensor  # (heads,)
+    A_log: torch.Tensor  # (heads,)
+    D: torch.Tensor  # (heads,)
+    norm_weight: torch.Tensor  # (d_inner,)
+    out_proj_weight: torch.Tensor
+    out_proj_bias: torch.Tensor | None
+
+
+def _mask_padding(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    # transformers' rule (zero the padded positions of (batch, L, channels) tensors before
+    # in_proj and after the conv), so padded batches give the same numbers on both.
+    if attention_mask is None:
+        return x
+    return (x * attention_mask[:, :, None]).to(x.dtype)
+
+
+class MambaFTMamba2Mixer(nn.Module):
+    """Drop-in for transformers' `Mamba2Mixer` (same parameters, same forward signature)."""
+
+    def __init__(self, hf_mixer: nn.Module):
+        super().__init__()
+        # Take over the modules and parameters of the transformers mixer (no copies), so a
+        # model loaded by transformers keeps its tensors and its state_dict keys.
+        self.layer_idx = hf_mixer.layer_idx
+        self.hidden_size = hf_mixer.hidden_size
+        self.intermediate_size = hf_mixer.intermediate_size
+        self.num_heads = hf_mixer.num_heads
+        self.head_dim = hf_mixer.head_dim
+        self.n_groups = hf_mixer.n_groups
+        self.ssm_state_size = hf_mixer.ssm_state_size
+        self.conv_kernel_size = hf_mixer.conv_kernel_size
+        self.conv_dim = hf_mixer.conv_dim
+        self.chunk_size = hf_mixer.chunk_size
+        self.time_step_limit = tuple(hf_mixer.time_step_limit)
+        if hf_mixer.activation not in ("silu", "swish"):
+            raise ValueError(f"mamba-ft's Mamba-2 mixer supports hidden_act 'silu' only, not "
+                             f"{hf_mixer.activation!r}")
+        if self.num_heads * self.head_dim != self.intermediate_size:
+            raise ValueError(f"num_heads * head_dim ({self.num_heads} * {self.head_dim}) must "
+                             f"equal the intermediate size {self.intermediate_size}")
+        # Registration order as in transformers, so named_parameters() lists the same order.
+        self.conv1d = hf_mixer.conv1d
+        self.in_proj = hf_mixer.in_proj
+        self.dt_bias = hf_mixer.dt_bias
+        self.A_log = hf_mixer.A_log
+        self.norm = MambaFTRMSNormGated(hf_mixer.norm)
+        self.D = hf_mixer.D
+        self.out_proj = hf_mixer.out_proj
+        # Set by adapters; None means the raw weights are used.
+        self.adapter: nn.Module | None = None
+        # Set by `mamba_ft.models.document_starts` for packed batches: (batch, L) bool.
+        self.document_starts: torch.Tensor | None = None
+        # Set by `mamba_ft.models.set_recompute_ssm`: run conv -> scan again in the backward
+        # instead of storing its activations.
+        self.recompute_ssm = False
+
+    def raw_weights(self) -> Mamba2MixerWeights:
+        return Mamba2MixerWeights(
+            in_proj_weight=self.in_proj.weight,
+            in_proj_bias=self.in_proj.bias,
+            conv_weight=self.conv1d.weight.squeeze(1),
+            conv_bias=self.conv1d.bias,
+            dt_bias=self.dt_bias,
+            A_log=self.A_log,
+            D=self.D,
+            norm_weight=self.norm.weight,
+            out_proj_weight=self.out_proj.weight,
+            out_proj_bias=self.out_proj.bias,
+        )
+
+    def mixer_weights(self) -> Mamba2MixerWeights:
+        """The weights this forward reads: raw, or with the attached adapter applied."""
+        weights = self.raw_weights()
+        return weights if self.adapter is None else self.adapter(weights)
+
+    def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask=None, *,
+                cache_params=None, **unexpected):
+        """transformers' `Mamba2Mixer.forward`: the cache arrives as `cache` or
+        `cache_params`. `Mamba2Block` passes the model's keywords on: the output-only ones
+        (`forward_contract.OUTPUT_ONLY_KEYWORDS`) are ignored, any other is an error, not
+        dropped (transformers' own mixer hands them to kernels that drop what they do not
+        know, `seq_idx` included on its PyTorch path)."""
+        cache = one_cache(type(self).__name__, cache, cache_params)
+        refuse_unknown_keywords(type(self).__name__, unexpected, OUTPUT_ONLY_KEYWORDS)
+        refuse_recording_cache(cache, self.layer_idx)
+        w = self.mixer_weights()
+        batch, seq_len, _ = hidden_states.shape
+        dtype = hidden_states.dtype
+
+        conv_state = ssm_state = None
+        if cache is not None:
+            conv_state = cache.get_conv_state(self.layer_idx)
+            ssm_state = cache.get_recurrent_state(self.layer_idx)
+            # The cache keeps the last `width` conv inputs and updates them in place below;
+            # keep the width - 1 this call starts from.
+            conv_state = None if conv_state is None else conv_state[..., 1:].clone()
+
+        hidden_states = _mask_padding(hidden_states, attention_mask)
+        projected = F.linear(hidden_states, w.in_proj_weight, w.in_proj_bias)
+        gate, xBC, dt = projected.split(
+            [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        A = -torch.exp(w.A_log.float())
+
+        if (conv_state is not None and ssm_state is not None and seq_len == 1
+                and self.document_starts is None):
+            y = self._decode_step(xBC[:, 0], dt[:, 0], w, A, conv_state, ssm_state, cache,
+                                  attention_mask)
+        else:
+            # The conv reads channels-first rows, contiguous along time.
+            xBC = xBC.transpose(1, 2).contiguous()
+            if cache is not None:
+                # Stores the last `width` conv inputs for the next step (transformers' layout).
+                cache.update_conv_state(xBC, self.layer_idx,
+                                        conv_kernel_size=self.conv_kernel_size)
+            if self.recompute_ssm and cache is None and torch.is_grad_enabled():
+                # Keep only in_proj's output for the backward and run conv -> scan again there.
+                # The branch draws no random numbers, so no RNG state needs saving.
+                y = checkpoint(self._ssm_branch, xBC, dt, w, A, None, None, attention_mask,
+                               use_reentrant=False, preserve_rng_state=False)
+            else:
+                y = self._ssm_branch(xBC, dt, w, A, conv_state, ssm_state, attention_mask,
+                                     cache)
+        y = gated_rms_norm(y, gate, w.norm_weight, self.norm.variance_epsilon,
+                           self.intermediate_size // self.n_groups)
+        return F.linear(y.to(dtype), w.out_proj_weight, w.out_proj_bias)
+
+    def _split_heads(self, xBC: torch.Tensor):
+        """(..., conv_dim) -> x (..., heads, head_dim), B and C (..., groups, N)."""
+        GN = self.n_groups * self.ssm_state_size
+        x, B, C = xBC.split([self.intermediate_size, GN, GN], dim=-1)
+        prefix = xBC.shape[:-1]
+        return (x.reshape(*prefix, self.num_heads, self.head_dim),
+                B.reshape(*prefix, self.n_groups, self.ssm_state_size),
+                C.reshape(*prefix, self.n_groups, self.ssm_state_size))
+
+    def _ssm_branch(self, xBC, dt, w: Mamba2MixerWeights, A, conv_state, ssm_state,
+                    attention_mask, cache=None):
+        """conv over (batch, conv_dim, L) -> SSD scan; returns (batch, L, d_inner)."""
+        batch, _, seq_len = xBC.shape
+        xBC = ops.causal_conv1d(xBC, w.conv_weight, w.conv_bias, initial_state=conv_state,
+                                reset=self.document_starts)
+        xBC = _mask_padding(xBC.transpose(1, 2), attention_mask)
+        x, B, C = self._split_heads(xBC)
+        result = ops.mamba_chunk_scan_combined(
+            x, dt, A, B, C, self.chunk_size, D=w.D, dt_bias=w.dt_bias,
+            initial_states=ssm_state, dt_softplus=True, dt_limit=self.time_step_limit,
+            return_final_states=cache is not None, reset=self.document_starts,
+        )
+        if cache is not None:
+            result, last_state = result
+            cache.update_recurrent_state(last_state, self.layer_idx)
+        return result.reshape(batch, seq_len, self.intermediate_size)
+
+    def _decode_step(self, xBC, dt, w: Mamba2MixerWeights, A, conv_state, ssm_state, cache,
+                     attention_mask):
+        """One token with the cache: conv window and SSD state advance by one."""
+        cache.update_conv_state(xBC.unsqueeze(-1), self.layer_idx)
+        xBC, _ = ops.causal_conv1d_step(xBC, conv_state, w.conv_weight, w.conv_bias)
+        xBC = _mask_padding(xBC.unsqueeze(1), attention_mask)[:, 0]
+        x, B, C = self._split_heads(xBC)
+        y, new_state = ops.ssd_state_step(ssm_state, x, dt, A, B, C, D=w.D, dt_bias=w.dt_bias,
+                                          dt_softplus=True, dt_limit=self.time_step_limit)
+        cache.update_recurrent_state(new_state, self.layer_idx)
+        return y.reshape(xBC.shape[0], 1, self.intermediate_size)
