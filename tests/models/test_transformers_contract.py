@@ -36,9 +36,11 @@ from mamba_ft.modules import MambaFTMamba2Mixer, MambaFTRMSNorm, MambaFTRMSNormG
 # Touches transformers / PEFT internals: .ci/run re-runs it on the lowest supported versions.
 pytestmark = pytest.mark.seam
 
+# transformers 5.23 calls Mamba-2's gated norm MambaRMSNormGated, 5.24 and later Mamba2RMSNormGated.
+GATED_NORM = getattr(modeling_mamba2, "Mamba2RMSNormGated", None) or modeling_mamba2.MambaRMSNormGated
 SWAPPED = [(modeling_mamba.MambaMixer, MambaFTMixer), (modeling_mamba.MambaRMSNorm, MambaFTRMSNorm),
            (modeling_mamba2.Mamba2Mixer, MambaFTMamba2Mixer),
-           (modeling_mamba2.Mamba2RMSNormGated, MambaFTRMSNormGated),
+           (GATED_NORM, MambaFTRMSNormGated),
            (modeling_mamba2.Mamba2RMSNorm, MambaFTRMSNorm)]
 
 

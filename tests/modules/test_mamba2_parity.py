@@ -10,6 +10,7 @@ every gradient agree to 1e-5 absolute and relative, the bound the Mamba-1 parity
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -19,6 +20,10 @@ from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer, Mamba2RMSNor
 
 from mamba_ft.models import document_starts, mixers, set_recompute_ssm, swap_mixers, swap_norms
 from mamba_ft.modules import MambaFTMamba2Mixer, MambaFTRMSNorm, MambaFTRMSNormGated
+
+# The model's cache keyword: `cache_params` in transformers 5.23, `cache` from 5.24 on (passing
+# the other name is swallowed by the model's **kwargs and the cache never reaches the mixers).
+CACHE = "cache" if "cache" in inspect.signature(Mamba2ForCausalLM.forward).parameters else "cache_params"
 
 # Touches transformers internals: .ci/run re-runs it on the lowest supported versions.
 pytestmark = pytest.mark.seam
@@ -133,9 +138,9 @@ def test_prefill_chunked_prefill_and_steps_equal_the_full_forward(tiny_mamba2_co
         torch.testing.assert_close(full, hf(ids).logits, **TOL)
         for model in (ft, hf):
             cache = DynamicCache(config=model.config)
-            parts = [model(ids[:, :6], cache=cache, use_cache=True).logits,
-                     model(ids[:, 6:17], cache=cache, use_cache=True).logits]
-            parts += [model(ids[:, t:t + 1], cache=cache, use_cache=True).logits
+            parts = [model(ids[:, :6], **{CACHE: cache}, use_cache=True).logits,
+                     model(ids[:, 6:17], **{CACHE: cache}, use_cache=True).logits]
+            parts += [model(ids[:, t:t + 1], **{CACHE: cache}, use_cache=True).logits
                       for t in range(17, 20)]
             torch.testing.assert_close(torch.cat(parts, 1), full, **TOL)
 
@@ -152,8 +157,8 @@ def test_one_token_steps_apply_the_time_step_limit():
     with torch.no_grad():
         full = ft(ids).logits
         cache = DynamicCache(config=config)
-        parts = [ft(ids[:, :9], cache=cache, use_cache=True).logits]
-        parts += [ft(ids[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(9, 12)]
+        parts = [ft(ids[:, :9], **{CACHE: cache}, use_cache=True).logits]
+        parts += [ft(ids[:, t:t + 1], **{CACHE: cache}, use_cache=True).logits for t in range(9, 12)]
     torch.testing.assert_close(torch.cat(parts, 1), full, **TOL)
 
 
