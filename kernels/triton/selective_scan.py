@@ -6,9 +6,9 @@ Semantics are exactly `mamba_ft.ops.reference.selective_scan` (mamba_ssm's layou
 Any strides are accepted; time-contiguous (batch, d, L) tensors load fastest, and that is the
 layout the mixer produces.
 
-Design (one program per (batch row, tile of BLOCK_D channels)):
+Design (one program per (batch row, channel), one warp; the launch sets BLOCK_D = 1):
 - The program walks the sequence in chunks of BLOCK_T positions, and inside a chunk it walks
-  the N states one after another. For one state n the chunk is a [BLOCK_D, BLOCK_T] tile:
+  the N states one after another. For one state n the chunk is a [1, BLOCK_T] tile:
   decay a = exp2(delta * A[:, n] * log2 e) (0 where a document starts) and drive
   x = delta * u * B[n], combined by one first-order `tl.associative_scan` along time. The
   output y = sum_n h_n * C[n] is accumulated in registers across the loop over n, so there is
@@ -31,10 +31,8 @@ Design (one program per (batch row, tile of BLOCK_D channels)):
   vector width, so every thread holds whole rows. Both scans then run within rows in
   registers, and only one value per row crosses lanes (`_scan_rows`); the reverse scan flips
   rows within threads instead of using `reverse=True`, which Triton lowers with a
-  lane-reversing shuffle of every element (Triton 3.6 compiled the previous backward, a
-  `tl.associative_scan` over a [1, BLOCK_T] tile, to ~1,190 instructions per state and 512
-  positions, 414 of them shuffles; this one to ~800). The kernel is latency-bound, not
-  issue-bound (ncu: ~47% of issue slots busy), so each state's inputs (B, C, A, checkpoint,
+  lane-reversing shuffle of every element (docs/kernels.md has the instruction counts that
+  led here). The kernel is latency-bound, not issue-bound, so each state's inputs (B, C, A, checkpoint,
   carry) are loaded one iteration ahead. The per-state values go through small global
   buffers instead of register tiles: state n's checkpoint is read from the forward's, its
   adjoint carry between chunks lives in a 2-slot buffer (one block barrier per chunk), and

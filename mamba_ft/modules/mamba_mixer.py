@@ -93,7 +93,7 @@ class MambaFTMixer(nn.Module):
         self.A_log = hf_mixer.A_log
         self.D = hf_mixer.D
         self.out_proj = hf_mixer.out_proj
-        # Set by adapters.attach(); None means the raw weights are used.
+        # Set by adapters.attach_adapters(); None means the raw weights are used.
         self.adapter: nn.Module | None = None
         # Set by `mamba_ft.models.document_starts` for packed batches: (batch, L) bool.
         self.document_starts: torch.Tensor | None = None

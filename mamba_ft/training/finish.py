@@ -1,12 +1,44 @@
-"""What a run does once its steps are done: save the adapter or model (and the merged model),
-and run the recipe's evaluation hooks on the trained weights."""
+"""What a run ends with: the result it reports, the adapter or model saved (and the merged
+model), and the recipe's evaluation hooks run on the trained weights."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mamba_ft.recipe import Recipe
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    step_losses: list[float]
+    initial_eval_loss: float | None = None
+    final_eval_loss: float | None = None
+    skipped_steps: int = 0
+    saved_to: Path | None = None  # adapter or model directory
+    metrics_path: Path | None = None
+    plot_path: Path | None = None
+    evaluation: dict = field(default_factory=dict)
+    already_finished: bool = False  # resumed at its last step: nothing was trained or written
+
+    def summary(self) -> str:
+        """What `mamba-ft train` prints at the end: what happened and where everything is."""
+        if self.already_finished:
+            return (f"nothing to train: the run in {self.output_dir} already finished its {self.steps} "
+                    f"steps; raise run.max_steps to train on, or set run.overwrite: true to start over")
+        lines = [f"\ntrained {self.steps} steps; eval loss {_fmt(self.initial_eval_loss)} -> "
+                 f"{_fmt(self.final_eval_loss)}", f"  output dir: {self.output_dir}"]
+        lines += [f"  {label}: {path}" for label, path in (("saved", self.saved_to), ("metrics", self.metrics_path),
+                                                          ("loss curve", self.plot_path)) if path is not None]
+        return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
 
 
 def save_final(recipe: Recipe, model, tokenizer, out: Path, state_dict: dict | None = None) -> Path:

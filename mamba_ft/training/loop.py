@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,39 +29,15 @@ from mamba_ft import precision
 from mamba_ft.errors import UserError
 from mamba_ft.recipe import Recipe, load_recipe
 from mamba_ft.training import checkpoints, distributed, finish, metrics, run_dir, setup, step
+from mamba_ft.training.finish import TrainResult
 from mamba_ft.training import schedule as schedule_lib
-
-
-@dataclass
-class TrainResult:
-    output_dir: Path
-    steps: int
-    step_losses: list[float]
-    initial_eval_loss: float | None = None
-    final_eval_loss: float | None = None
-    skipped_steps: int = 0
-    saved_to: Path | None = None  # adapter or model directory
-    metrics_path: Path | None = None
-    plot_path: Path | None = None
-    evaluation: dict = field(default_factory=dict)
-    already_finished: bool = False  # resumed at its last step: nothing was trained or written
 
 
 def train_from_recipe(recipe_path: str, overrides: list[str] | None = None) -> TrainResult:
     """What `mamba-ft train` runs: load and validate the recipe, train, say where things are."""
     result = train(load_recipe(recipe_path, overrides))
-    if _is_main() and result.already_finished:
-        print(f"nothing to train: the run in {result.output_dir} already finished its "
-              f"{result.steps} steps; raise run.max_steps to train on, or set run.overwrite: true "
-              f"to start over")
-    elif _is_main():
-        print(f"\ntrained {result.steps} steps; eval loss {_fmt(result.initial_eval_loss)} -> "
-              f"{_fmt(result.final_eval_loss)}")
-        print(f"  output dir: {result.output_dir}")
-        for label, path in (("saved", result.saved_to), ("metrics", result.metrics_path),
-                            ("loss curve", result.plot_path)):
-            if path is not None:
-                print(f"  {label}: {path}")
+    if _is_main():
+        print(result.summary())
     return result
 
 
@@ -225,7 +200,9 @@ class TrainingRun:
             self.step_losses.append(step_loss)
             if accelerator.is_main_process:  # this finite step vouches for the checkpoint before it
                 run_dir.prune_checkpoints(self.out, run.keep_last, trusted_through=self.step - 1)
-            self._log_step(batches, started, step_loss, lr, grad_norm, progress)
+            self.metrics.log_step(self.step, self.total_steps, recipe.logging.every, batches, started,
+                                  {"loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                                   "skipped_steps": self.skipped.count}, self.trackers, progress)
             if run.eval_every and self.step % run.eval_every == 0 and self.step < self.total_steps:
                 self.evaluate()
                 model.train()
@@ -246,19 +223,6 @@ class TrainingRun:
                            self.trackers)
         return loss
 
-    def _log_step(self, batches, started, step_loss, lr, grad_norm, progress) -> None:
-        accelerator, every = self.accelerator, self.recipe.logging.every
-        tokens = int(accelerator.reduce(torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches),
-                                                     device=accelerator.device), "sum"))
-        tokens_per_s = tokens / max(time.perf_counter() - started, 1e-9)
-        if self.step % every == 0 or self.step == self.total_steps:
-            self.metrics.write({"step": self.step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                                "tokens_per_s": round(tokens_per_s, 1), "peak_memory_mb": metrics.peak_memory_mb(),
-                                "skipped_steps": self.skipped.count}, self.trackers)
-        if progress is not None:
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-            progress.update(1)
-
     def already_finished(self) -> TrainResult:
         """A resumed run whose checkpoint is its last step: evaluating and saving again would
         only append duplicate rows and rewrite the same files, so nothing runs."""
@@ -270,11 +234,7 @@ class TrainingRun:
 
     def say_how_to_resume(self) -> None:
         if self.accelerator.is_main_process:
-            newest = run_dir.latest_checkpoint(self.out)
-            where = (f"the newest checkpoint is {newest}; run the same command with "
-                     f"run.resume=auto to continue from it" if newest is not None else
-                     "no checkpoint was saved yet (run.save_every sets how often)")
-            print(f"\ninterrupted at step {self.step} of {self.total_steps}: {where}.", flush=True)
+            print(f"\n{run_dir.interrupted_message(self.out, self.step, self.total_steps)}", flush=True)
 
     # -- 4. finish: final eval, save, plot, hooks ---------------------------------------------------
     def finish(self) -> TrainResult:
@@ -309,7 +269,3 @@ def _is_main() -> bool:
     from accelerate import PartialState
 
     return PartialState().is_main_process
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"

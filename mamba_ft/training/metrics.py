@@ -4,6 +4,7 @@ memory and the loss-curve plot."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +29,23 @@ class Metrics:
                 f.write(json.dumps(row) + "\n")
         if trackers:
             self.accelerator.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+
+    def log_step(self, step: int, total_steps: int, every: int, batches, started: float, values: dict,
+                 trackers, progress) -> None:
+        """One optimizer step's row (every `every` steps and the last) and the progress bar:
+        `values` plus tokens/s over the whole global batch and peak memory."""
+        accelerator = self.accelerator
+        tokens = int(accelerator.reduce(torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches),
+                                                     device=accelerator.device), "sum"))
+        tokens_per_s = tokens / max(time.perf_counter() - started, 1e-9)
+        if step % every == 0 or step == total_steps:
+            row = {"step": step, "loss": values["loss"], "lr": values["lr"], "grad_norm": values["grad_norm"],
+                   "tokens_per_s": round(tokens_per_s, 1), "peak_memory_mb": peak_memory_mb(),
+                   "skipped_steps": values["skipped_steps"]}
+            self.write(row, trackers)
+        if progress is not None:
+            progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            progress.update(1)
 
     def first_eval(self) -> float | None:
         if not self.path.exists():

@@ -179,3 +179,12 @@ def nonfinite_stop(out: Path, step: int, what: str, value: float, accelerator) -
                  "with a lower optim.lr.")
     return UserError(f"The training {what} became {value} at step {step}; stopped.{moved} {where} "
                      f"Also consider precision.mode: bf16 or fp32, or check the data.")
+
+
+def interrupted_message(out: Path, step: int, total_steps: int) -> str:
+    """What an interrupted run says: where it got to and how to go on from there."""
+    newest = latest_checkpoint(out)
+    where = (f"the newest checkpoint is {newest}; run the same command with run.resume=auto to "
+             f"continue from it" if newest is not None else
+             "no checkpoint was saved yet (run.save_every sets how often)")
+    return f"interrupted at step {step} of {total_steps}: {where}."
