@@ -54,28 +54,59 @@ def _merge(args):
 
 
 def _info(args):
-    from mamba_ft.models import load_model, mixers
-
     from pathlib import Path
+
+    from mamba_ft.models import load_model
 
     # A checkpoint directory must carry its tokenizer; a bare config has none.
     is_checkpoint = args.model.startswith("bundled:") or Path(args.model).is_dir()
     loaded = load_model(args.model, need_tokenizer=is_checkpoint, allow_transformers=True)
-    model = loaded.model
-    total = sum(p.numel() for p in model.parameters())
-    kind = _describe_mamba(model, mixers(model)) if loaded.is_mamba else model.config.model_type
-    vocab = f", tokenizer with {len(loaded.tokenizer)} tokens" if loaded.tokenizer is not None else ""
-    print(f"{args.model}: {kind}, {total:,} parameters{vocab}")
+    print(args.model)
+    for label, value in describe_model(loaded):
+        print(f"  {label:<16}{value}")
 
 
-def _describe_mamba(model, found) -> str:
-    """'Mamba (...)' or 'Mamba-2 (...)': the family and the geometry of its mixers."""
-    config = model.config
+def describe_model(loaded) -> list[tuple[str, str]]:
+    """What `mamba-ft info` prints: family, geometry, vocabulary, size, dtype, adapter targets."""
+    from collections import Counter
+
+    from mamba_ft.models import mixers
+
+    model, config = loaded.model, loaded.model.config
+    found = mixers(model)
+    dtypes = Counter(str(p.dtype).replace("torch.", "") for p in model.parameters())
+    rows = []
     if config.model_type == "mamba2":
-        return (f"Mamba-2 (mamba-ft mixers: {len(found)}; {config.num_heads} heads x "
-                f"{config.head_dim}, {config.n_groups} B/C group(s), state {config.state_size}, "
-                f"chunk {config.chunk_size})")
-    return "Mamba (mamba-ft mixers: %d)" % len(found)
+        rows += [("family", f"Mamba-2 (mamba-ft mixers: {len(found)})"),
+                 ("shape", f"d_model {config.hidden_size}, {config.num_hidden_layers} layers, "
+                           f"{config.num_heads} heads x {config.head_dim}, {config.n_groups} B/C "
+                           f"group(s), state {config.state_size}, conv {config.conv_kernel}, "
+                           f"chunk {config.chunk_size}")]
+    elif loaded.is_mamba:
+        rows += [("family", f"Mamba (mamba-ft mixers: {len(found)})"),
+                 ("shape", f"d_model {config.hidden_size}, {config.num_hidden_layers} layers, "
+                           f"d_inner {config.intermediate_size}, state {config.state_size}, "
+                           f"conv {config.conv_kernel}, dt rank {config.time_step_rank}")]
+    else:
+        rows += [("family", f"{config.model_type} (a Transformer baseline: plain transformers "
+                            f"modules, PEFT LoRA)"),
+                 ("shape", f"d_model {config.hidden_size}, {config.num_hidden_layers} layers")]
+    tokenizer = f" (tokenizer: {len(loaded.tokenizer)} tokens)" if loaded.tokenizer is not None else ""
+    rows += [("vocabulary", f"{config.vocab_size}{tokenizer}"),
+             ("parameters", f"{sum(p.numel() for p in model.parameters()):,}"),
+             ("dtype", ", ".join(f"{name} ({count} tensors)" for name, count in dtypes.most_common()))]
+    rows.append(("adapter targets", _adapter_targets(config.model_type, loaded.is_mamba)))
+    return rows
+
+
+def _adapter_targets(model_type: str, is_mamba: bool) -> str:
+    from mamba_ft.adapters.config import ALIASES, MAMBA_TARGETS
+
+    if not is_mamba:
+        return "its module names, or all_linear (PEFT LoRA)"
+    if model_type != "mamba":
+        return "see docs/mamba2.md"
+    return f"{', '.join(MAMBA_TARGETS)}; aliases {', '.join(ALIASES)}"
 
 
 def _synth(args):

@@ -144,9 +144,20 @@ def test_cli_debug_shows_traceback(tmp_path):
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
-def test_cli_info_on_a_good_directory(tiny_mamba_config, tmp_path, word_tokenizer_factory):
+def test_cli_info_on_a_good_directory(tiny_mamba_config, tmp_path, word_tokenizer_factory, capsys):
+    """Every figure `info` prints comes from the checkpoint: compared with plain transformers."""
     save_hf_dir(tiny_mamba_config, tmp_path, word_tokenizer_factory)
+    capsys.readouterr()
     assert main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    plain = MambaForCausalLM.from_pretrained(str(tmp_path))
+    c = plain.config
+    assert "Mamba (mamba-ft mixers: 2)" in out
+    assert (f"d_model {c.hidden_size}, {c.num_hidden_layers} layers, d_inner {c.intermediate_size}, "
+            f"state {c.state_size}, conv {c.conv_kernel}, dt rank {c.time_step_rank}") in out
+    assert f"{sum(p.numel() for p in plain.parameters()):,}" in out
+    assert f"vocabulary      {c.vocab_size} (tokenizer:" in out
+    assert "dtype           float32" in out and "A_log" in out and "aliases all_linear, all" in out
 
 
 def test_loaded_models_carry_the_swapped_norms_with_unchanged_state_dict():
