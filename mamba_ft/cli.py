@@ -100,13 +100,12 @@ def describe_model(loaded) -> list[tuple[str, str]]:
 
 
 def _adapter_targets(model_type: str, is_mamba: bool) -> str:
-    from mamba_ft.adapters.config import ALIASES, MAMBA_TARGETS
+    from mamba_ft.adapters.families import FAMILIES
 
     if not is_mamba:
         return "its module names, or all_linear (PEFT LoRA)"
-    if model_type != "mamba":
-        return "see docs/mamba2.md"
-    return f"{', '.join(MAMBA_TARGETS)}; aliases {', '.join(ALIASES)}"
+    family = next(f.targets for f in FAMILIES if f.targets.model_type == model_type)
+    return f"{', '.join(family.targets)}; aliases {', '.join(family.aliases)}"
 
 
 def _synth(args):

@@ -11,25 +11,17 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from mamba_ft.adapters.config import (
-    LOW_RANK_MIXER_TARGETS,
-    MAMBA_TARGETS,
-    SSM_TARGETS,
-    AdapterConfig,
-    unknown_mamba_target,
-)
+from mamba_ft.adapters.config import AdapterConfig, TargetFamily
+from mamba_ft.adapters.families import MAMBA_MODEL_TYPES, MixerFamily, family_of_model
 from mamba_ft.adapters.lora import (
     EmbeddingAdapter,
     HeadAdapter,
-    MixerAdapter,
     add_module_adapter,
-    module_key,
     remove_module_adapter,
 )
 from mamba_ft.adapters.report import AdapterReport, ReportRow
 from mamba_ft.errors import UserError
 from mamba_ft.models import mixers
-from mamba_ft.modules import MambaFTMamba2Mixer
 from mamba_ft.modules.quantized import logical_numel
 
 _ATTR = "mamba_ft_adapters"
@@ -44,6 +36,7 @@ class Attached:
     requires_grad_before: dict[str, bool]
     peft_config: object | None = None  # the LoraConfig, for a Transformer baseline
     module_targets: dict[str, str] = field(default_factory=dict)  # adapted module path -> target
+    family: TargetFamily | None = None  # the Mamba family's target vocabulary; None for a baseline
 
 
 def attached(model: nn.Module) -> Attached | None:
@@ -79,18 +72,15 @@ def attach_adapters(model: nn.Module, config: AdapterConfig) -> AdapterReport:
                         "detach the present ones first).")
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     base = _count_base(model)
-    if getattr(getattr(model, "config", None), "model_type", None) == "mamba" and not mixers(model):
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in MAMBA_MODEL_TYPES and not mixers(model):
         raise UserError("This Mamba model still has transformers' own mixers, which read raw weights "
                         "and would bypass adapters; load it with mamba_ft.models.load_model (or call "
                         "mamba_ft.models.swap_mixers) before attaching adapters.")
-    if any(isinstance(m, MambaFTMamba2Mixer) for m in mixers(model)):
-        # The adapter modules read Mamba-1's weights (x_proj, dt_proj); Mamba-2's hook exists
-        # (Mamba2MixerWeights) but nothing fills it yet: refuse rather than attach wrongly.
-        raise UserError("Adapters on Mamba-2 models are not supported yet (docs/mamba2.md); "
-                        "fine-tune a Mamba-2 model in full (no adapter section) for now.")
     if mixers(model):
-        rows, module_targets = _attach_mamba(model, config)
-        record = Attached(config, True, flags, module_targets=module_targets)
+        family = family_of_model(mixers(model))
+        rows, module_targets = _attach_mamba(model, config, family)
+        record = Attached(config, True, flags, module_targets=module_targets, family=family.targets)
         notes = []
         if config.dropout > 0:
             notes.append(f"dropout {config.dropout} acts on the side paths (in_proj, out_proj, lm_head) only.")
@@ -107,29 +97,26 @@ def attach_adapters(model: nn.Module, config: AdapterConfig) -> AdapterReport:
     return AdapterReport(rows, base, notes)
 
 
-def _attach_mamba(model: nn.Module, config: AdapterConfig):
-    targets = config.expanded_targets()
-    for name in targets:
-        if name not in MAMBA_TARGETS:
-            raise UserError(unknown_mamba_target(name))
+def _attach_mamba(model: nn.Module, config: AdapterConfig, family: MixerFamily):
+    targets = config.check_for(family.targets)
     all_mixers = mixers(model)
     n_layers = len(all_mixers)
     if config.layers is not None and max(config.layers) >= n_layers:
         raise UserError(f"adapter layers {config.layers} name layer {max(config.layers)}, but the model "
                         f"has {n_layers} layers (0..{n_layers - 1}); fix adapter.layers.")
     chosen = [m for m in all_mixers if config.layers is None or m.layer_idx in config.layers]
-    mixer_targets = [t for t in targets if t in LOW_RANK_MIXER_TARGETS or t in SSM_TARGETS]
+    mixer_targets = [t for t in targets if t in family.targets.mixer_targets]
     module_paths = {id(m): n for n, m in model.named_modules()}
     module_targets: dict[str, str] = {}
     counts = {t: [0, 0] for t in targets}
     if mixer_targets:
         for mixer in chosen:
-            adapter = MixerAdapter(mixer, mixer_targets, config.rank_for, config.scale_for, config.dropout)
+            adapter = family.adapter_class(mixer, mixer_targets, config.rank_for, config.scale_for,
+                                           config.dropout)
             mixer.adapter = adapter.to(mixer.A_log.device)
             for t in mixer_targets:
                 counts[t][0] += 1
-                counts[t][1] += (adapter.ssm[t].numel() if t in SSM_TARGETS else
-                                 sum(p.numel() for p in adapter.low_rank[module_key(t)].parameters()))
+                counts[t][1] += adapter.target_numel(t)
                 module_targets[f"{module_paths[id(mixer)]}.{t}"] = t
 
     if "embeddings" in targets:

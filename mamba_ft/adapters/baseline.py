@@ -14,7 +14,7 @@ import re
 from torch import nn
 
 from mamba_ft.adapters.report import ReportRow
-from mamba_ft.adapters.config import ALIASES, MAMBA_TARGETS, AdapterConfig
+from mamba_ft.adapters.config import ALIAS_NAMES, ALL_MAMBA_TARGETS, AdapterConfig
 from mamba_ft.errors import UserError, did_you_mean
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
@@ -43,10 +43,10 @@ def resolve_module_targets(model: nn.Module, config: AdapterConfig) -> dict[str,
             if module is None or id(module) not in names:
                 raise UserError(f"adapter target {target!r} matches nothing in this {_model_type(model)} model.")
             matched = [names[id(module)]]
-        elif target in ALIASES:
+        elif target in ALIAS_NAMES:
             matched = [n for n, m in adaptable.items()
                        if not isinstance(m, nn.Embedding) and m is not head]
-        elif target in MAMBA_TARGETS and not any(n.rsplit(".", 1)[-1] == target for n in adaptable):
+        elif target in ALL_MAMBA_TARGETS and not any(n.rsplit(".", 1)[-1] == target for n in adaptable):
             raise UserError(f"adapter target {target!r} exists only in Mamba models; this is a "
                             f"{_model_type(model)} model, whose adaptable modules are: "
                             f"{', '.join(leaf_names)} (plus embeddings, lm_head, all_linear).")

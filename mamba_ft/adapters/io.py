@@ -2,12 +2,14 @@
 
 An adapter directory holds
 - `adapter_config.json` + `adapter_model.safetensors`: PEFT's LoRA format, with the targets
-  plain PEFT applies correctly on transformers' model (for Mamba: in_proj, x_proj, embeddings,
-  lm_head; for a Transformer baseline: all of them), so `peft.PeftModel.from_pretrained` loads them;
+  plain PEFT applies correctly on transformers' model (the family's `TargetFamily.peft`:
+  Mamba-1 in_proj, x_proj, embeddings, lm_head; Mamba-2 in_proj, embeddings, lm_head; for a
+  Transformer baseline all of them), so `peft.PeftModel.from_pretrained` loads them;
 - `mamba_ft_adapter.json`: the AdapterConfig, the base model source, the model type and the
   targets in each file;
 - `mamba_ft_adapter.safetensors` (when there are any): the targets PEFT cannot apply on a Mamba
-  (conv1d, dt_proj, out_proj, x_proj's row blocks, A_log, D, dt_bias), keyed by parameter name.
+  (Mamba-1: conv1d, dt_proj, out_proj, x_proj's row blocks, A_log, D, dt_bias; Mamba-2: in_proj's
+  row blocks, conv1d, out_proj, norm, A_log, D, dt_bias), keyed by parameter name.
 A separate file keeps PEFT's config free of unknown keys (PEFT would drop them with a warning).
 """
 
@@ -24,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mamba_ft.adapters.attach import adapter_parameters, attach_adapters, attached, detach_adapters
-from mamba_ft.adapters.config import AdapterConfig
+from mamba_ft.adapters.config import MAMBA1, AdapterConfig, TargetFamily
 from mamba_ft.errors import UserError
 from mamba_ft.models.quantize import quantization_of
 
@@ -34,14 +36,18 @@ META = "mamba_ft_adapter.json"
 EXTRA_WEIGHTS = "mamba_ft_adapter.safetensors"
 FORMAT_VERSION = 1
 _PEFT_PREFIX = "base_model.model."
-# Mamba targets whose module transformers' forward calls (so a PEFT LoRA there is applied).
-PEFT_MAMBA_TARGETS = ("in_proj", "x_proj", "embeddings", "lm_head")
+# Mamba-1 targets whose module transformers' forward calls (so a PEFT LoRA there is applied);
+# each family's are in its TargetFamily.peft.
+PEFT_MAMBA_TARGETS = MAMBA1.peft
 
 
-def peft_key(name: str, is_mamba: bool) -> str | None:
-    """PEFT's key for an adapter parameter, or None when it goes to mamba-ft's own file."""
+def peft_key(name: str, family: TargetFamily | None) -> str | None:
+    """PEFT's key for an adapter parameter, or None when it goes to mamba-ft's own file.
+
+    `family`: the Mamba family's target vocabulary, None for a Transformer baseline (PEFT's
+    own layers)."""
     parts = name.split(".")
-    if not is_mamba:  # PEFT's own layer: drop the adapter name ("default")
+    if family is None:  # PEFT's own layer: drop the adapter name ("default")
         if parts[-1] == "default":  # lora_embedding_A.default
             parts = parts[:-1]
         elif parts[-2] == "default":  # lora_A.default.weight
@@ -49,7 +55,7 @@ def peft_key(name: str, is_mamba: bool) -> str | None:
         return _PEFT_PREFIX + ".".join(parts)
     i = parts.index("adapter")
     owner, rest = parts[:i], parts[i + 1:]
-    if rest[0] == "low_rank" and rest[1] in ("in_proj", "x_proj"):  # mixer.adapter.low_rank.in_proj.lora_A
+    if rest[0] == "low_rank" and rest[1] in family.peft:  # mixer.adapter.low_rank.in_proj.lora_A
         return _PEFT_PREFIX + ".".join(owner + [rest[1], rest[2], "weight"])
     if rest == ["lora_embedding_A"] or rest == ["lora_embedding_B"]:  # embeddings.adapter.lora_embedding_A
         return _PEFT_PREFIX + ".".join(owner + rest)
@@ -75,7 +81,7 @@ def _peft_config_dict(model: nn.Module, base_model: str) -> dict:
     if record.is_mamba:
         config = record.config
         # For these targets the recorded path ("<mixer>.in_proj", "lm_head") is the module PEFT wraps.
-        modules = {m: t for m, t in record.module_targets.items() if t in PEFT_MAMBA_TARGETS}
+        modules = {m: t for m, t in record.module_targets.items() if t in record.family.peft}
         rank_pattern = {m: config.rank_for(t) for m, t in modules.items() if config.rank_for(t) != config.rank}
         peft_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                                  target_modules=sorted(modules), rank_pattern=rank_pattern,
@@ -116,7 +122,7 @@ def save_adapters(model: nn.Module, out_dir: str | Path, base_model: str) -> Pat
     peft_tensors, extra_tensors = {}, {}
     for name, param in adapter_parameters(model).items():
         tensor = param.detach().to("cpu", torch.float32).contiguous()
-        key = peft_key(name, record.is_mamba)
+        key = peft_key(name, record.family)
         if key is None:
             extra_tensors[name] = tensor
         else:
@@ -127,9 +133,9 @@ def save_adapters(model: nn.Module, out_dir: str | Path, base_model: str) -> Pat
         "model_type": _model_type(model),
         "config": record.config.model_dump(mode="json"),
         "peft_targets": sorted({t for t in record.module_targets.values()
-                                if not record.is_mamba or t in PEFT_MAMBA_TARGETS}),
+                                if not record.is_mamba or t in record.family.peft}),
         "mamba_ft_only_targets": sorted({t for t in record.module_targets.values()
-                                         if record.is_mamba and t not in PEFT_MAMBA_TARGETS}),
+                                         if record.is_mamba and t not in record.family.peft}),
     }
     # A QLoRA adapter was trained against the dequantised base: merging rebuilds that base
     # (the same quantisation of the same checkpoint is the same bytes) instead of the original.
@@ -217,8 +223,8 @@ def load_adapters(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     if attached_here:
         attach_adapters(model, config)
     try:
-        is_mamba = attached(model).is_mamba
-        params = {(peft_key(n, is_mamba) or n): p for n, p in adapter_parameters(model).items()}
+        family = attached(model).family
+        params = {(peft_key(n, family) or n): p for n, p in adapter_parameters(model).items()}
         problem = _mismatch(params, tensors)
         if problem:
             raise UserError(f"The adapter in {adapter_dir} does not fit this model ({problem}); it was "

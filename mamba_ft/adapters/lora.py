@@ -1,11 +1,12 @@
 """mamba-ft's adapter modules for Mamba models.
 
 - `LowRankDelta`: scale * B @ A on a weight matrix (A: (rank, in), B: (out, rank), fp32).
-- `MixerAdapter`: the `mixer.adapter` of one `MambaFTMixer`. Given the raw `MixerWeights`
-  it returns the weights the forward reads: effective weights W + s·B·A for the small buffers
-  the kernels take whole (x_proj, its dt/B/C row blocks, dt_proj, conv1d), low-rank side paths
-  for the big projections (in_proj, out_proj: measured faster, see docs/adapters.md), and
-  A_log / D / dt_bias plus a zero-initialised fp32 delta.
+- `MixerAdapter`: the `mixer.adapter` of one `MambaFTMixer` (Mamba-1; Mamba-2's is in
+  `mamba2_lora.py`). Given the raw `MixerWeights` it returns the weights the forward reads:
+  effective weights W + s·B·A for the small buffers the kernels take whole (x_proj, its
+  dt/B/C row blocks, dt_proj, conv1d), low-rank side paths for the big projections (in_proj,
+  out_proj: measured faster, see docs/adapters.md), and A_log / D / dt_bias plus a
+  zero-initialised fp32 delta.
 - `EmbeddingAdapter` / `HeadAdapter`: children of the model's input embedding and output
   Linear, applied by a forward hook (the module stays the same object, so weight tying and
   transformers' accessors keep working).
@@ -81,6 +82,11 @@ class MixerAdapter(nn.Module):
     def _lr(self, name: str) -> LowRankDelta | None:
         key = module_key(name)
         return self.low_rank[key] if key in self.low_rank else None
+
+    def target_numel(self, target: str) -> int:
+        if target in self.ssm:
+            return self.ssm[target].numel()
+        return sum(p.numel() for p in self.low_rank[module_key(target)].parameters())
 
     def x_proj_delta(self) -> torch.Tensor | None:
         whole = self._lr("x_proj")

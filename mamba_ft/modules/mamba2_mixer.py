@@ -23,11 +23,16 @@ from mamba_ft import ops
 from mamba_ft.modules.forward_contract import (OUTPUT_ONLY_KEYWORDS, one_cache,
                                                refuse_recording_cache, refuse_unknown_keywords)
 from mamba_ft.modules.gated_rms_norm import MambaFTRMSNormGated, gated_rms_norm
+from mamba_ft.ops.projections import LowRankPath
 
 
 @dataclass
 class Mamba2MixerWeights:
-    """The tensors one Mamba-2 mixer forward reads, after any adapter has been applied."""
+    """The tensors one Mamba-2 mixer forward reads, after any adapter has been applied.
+
+    `in_proj_lora` / `out_proj_lora` carry an optional low-rank side path (rows (..., in) ->
+    (..., out)) for the two big projections, added to their outputs (docs/adapters.md).
+    """
 
     in_proj_weight: torch.Tensor  # (2 * d_inner + 2 * groups * N + heads, hidden)
     in_proj_bias: torch.Tensor | None
@@ -39,6 +44,14 @@ class Mamba2MixerWeights:
     norm_weight: torch.Tensor  # (d_inner,)
     out_proj_weight: torch.Tensor
     out_proj_bias: torch.Tensor | None
+    in_proj_lora: LowRankPath | None = None
+    out_proj_lora: LowRankPath | None = None
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            lora: LowRankPath | None) -> torch.Tensor:
+    out = F.linear(x, weight, bias)
+    return out if lora is None else out + lora(x).to(out.dtype)
 
 
 def _mask_padding(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -131,7 +144,7 @@ class MambaFTMamba2Mixer(nn.Module):
             conv_state = None if conv_state is None else conv_state[..., 1:].clone()
 
         hidden_states = _mask_padding(hidden_states, attention_mask)
-        projected = F.linear(hidden_states, w.in_proj_weight, w.in_proj_bias)
+        projected = _linear(hidden_states, w.in_proj_weight, w.in_proj_bias, w.in_proj_lora)
         gate, xBC, dt = projected.split(
             [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         A = -torch.exp(w.A_log.float())
@@ -157,7 +170,7 @@ class MambaFTMamba2Mixer(nn.Module):
                                      cache)
         y = gated_rms_norm(y, gate, w.norm_weight, self.norm.variance_epsilon,
                            self.intermediate_size // self.n_groups)
-        return F.linear(y.to(dtype), w.out_proj_weight, w.out_proj_bias)
+        return _linear(y.to(dtype), w.out_proj_weight, w.out_proj_bias, w.out_proj_lora)
 
     def _split_heads(self, xBC: torch.Tensor):
         """(..., conv_dim) -> x (..., heads, head_dim), B and C (..., groups, N)."""

@@ -130,6 +130,7 @@ def test_info_describes_a_mamba2_model(tiny_mamba2_config, tmp_path, word_tokeni
     out = capsys.readouterr().out
     assert "Mamba-2 (mamba-ft mixers: 2)" in out
     assert "8 heads x 8, 2 B/C group(s), state 8" in out and "chunk 8" in out
+    assert "in_proj.dt" in out and "norm" in out and "aliases all_linear, all" in out
 
 
 def test_mamba2_weights_that_do_not_fit_the_config_are_named(tiny_mamba2_config, tmp_path):
@@ -141,9 +142,17 @@ def test_mamba2_weights_that_do_not_fit_the_config_are_named(tiny_mamba2_config,
         load_model(tmp_path, need_tokenizer=False)
 
 
-def test_adapters_on_mamba2_are_refused_until_supported(tiny_mamba2_config):
+def test_loaded_mamba2_takes_adapters(tiny_mamba2_config):
+    """load_model's Mamba-2 takes adapters on its mixers (tests/adapters/test_mamba2_adapters.py
+    tests them); QLoRA stays refused: the Mamba-2 mixer does not read quantised weights."""
     from mamba_ft.adapters import AdapterConfig, attach_adapters
 
     model = load_model(tiny_mamba2_config, need_tokenizer=False).model
-    with pytest.raises(UserError, match="Mamba-2"):
-        attach_adapters(model, AdapterConfig(targets=["in_proj"], rank=4))
+    report = attach_adapters(model, AdapterConfig(targets=["all"], rank=4))
+    assert [r.target for r in report.rows] == ["in_proj", "conv1d", "out_proj", "norm", "A_log",
+                                               "D", "dt_bias"]
+    assert all(m.adapter is not None for m in mixers(model))
+    from mamba_ft.models.quantize import QuantizeConfig, quantize_model
+
+    with pytest.raises(UserError, match="Mamba-1 mixers only"):
+        quantize_model(model, QuantizeConfig(kind="nf4"))
