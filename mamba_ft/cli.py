@@ -114,6 +114,12 @@ def _synth(args):
     run_synth_cli(args)
 
 
+def _generate(args):
+    from mamba_ft.generation import main_from_cli
+
+    main_from_cli(args)
+
+
 def _stability(args):
     from mamba_ft.evaluation.stability_report import main_from_cli
 
@@ -185,6 +191,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--online", action="store_true", help="let datasets and models come from the Hugging Face Hub")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     p.set_defaults(func=_icl)
+
+    p = sub.add_parser("generate", help="text from a model or a fine-tuned adapter, streamed to stdout")
+    p.add_argument("model", help="checkpoint directory, adapter directory, config file, hub id or bundled:NAME")
+    p.add_argument("--adapter", default=None, help="an adapter directory to attach to MODEL")
+    p.add_argument("--prompt", default=None, help="the prompt text")
+    p.add_argument("--prompt-file", default=None, help="a file whose whole text is the prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (at least 1)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (> 0; with --sample)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (with --sample)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (with --sample)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the weights are loaded in")
+    p.add_argument("--no-stream", action="store_true", help="print the text once it is complete")
+    p.set_defaults(func=_generate)
 
     p = sub.add_parser("stability", help="how far bf16 / fp16 move a model's outputs, and how its "
                                          "dynamics carry a small input change (docs/precision.md)")

@@ -247,3 +247,9 @@ def _mismatch(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor])
             return f"{key} is {tuple(tensors[key].shape)} in the file, {tuple(param.shape)} here"
     extra = sorted(set(tensors) - set(params))
     return f"unexpected tensor {extra[0]}" if extra else None
+
+
+def is_adapter_dir(source) -> bool:
+    """Whether `source` names a directory `save_adapters` wrote (and not a model directory)."""
+    return (isinstance(source, (str, Path)) and (Path(source) / META).is_file()
+            and not (Path(source) / "config.json").is_file())

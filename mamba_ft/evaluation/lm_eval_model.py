@@ -33,6 +33,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from mamba_ft.adapters.io import is_adapter_dir
 from mamba_ft.errors import UserError
 from mamba_ft.models import LoadedModel, load_model, load_tokenizer, mixers, resolve_source
 
@@ -58,7 +59,7 @@ class MambaFTLM(HFLM):
         if pretrained is None:
             raise UserError("The mamba-ft lm-eval model needs pretrained=PATH (a checkpoint "
                             "directory, hub id or bundled:NAME).")
-        if adapter is None and _is_adapter_dir(pretrained):
+        if adapter is None and is_adapter_dir(pretrained):
             # An adapter directory records its base model, so it alone names a fine-tuned model.
             from mamba_ft.adapters import adapter_base_model
 
@@ -140,13 +141,6 @@ class MambaFTLM(HFLM):
             "model_dtype": str(next(self.model.parameters()).dtype),
             "is_mamba": self.is_mamba,
         }
-
-
-def _is_adapter_dir(source) -> bool:
-    from mamba_ft.adapters.io import META
-
-    return isinstance(source, (str, Path)) and (Path(source) / META).is_file() \
-        and not (Path(source) / "config.json").is_file()
 
 
 def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
