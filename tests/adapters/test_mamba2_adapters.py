@@ -330,8 +330,10 @@ def test_peft_loads_in_proj_embeddings_and_head_and_nothing_else(tmp_path, ids):
     for target in ("norm", "mixer.norm"):
         with pytest.raises(ValueError, match="is not supported"):
             get_peft_model(plain_mamba2(), LoraConfig(r=2, target_modules=[target]))
+    # PEFT refuses 1-D parameters as targets: peft 0.21 with a ValueError naming them, peft 0.18
+    # (the lowest version mamba-ft supports) by failing inside its LoRA layer (IndexError).
     for parameter in ("A_log", "D", "dt_bias", "norm.weight"):
-        with pytest.raises(ValueError, match="1 dimensional Parameter"):
+        with pytest.raises((ValueError, IndexError)):
             get_peft_model(plain_mamba2(), LoraConfig(r=2, target_modules=[], target_parameters=[parameter]))
 
 
