@@ -3,8 +3,8 @@
 transformers passes the cache as `cache` (5.24 and later) or `cache_params` (5.23); any other
 keyword must fail loudly, not vanish into **kwargs (a swallowed cache once made every decoding
 step start from an empty state); a cache that records past states for rollback (assisted and
-speculative decoding) is refused, because the mixers do not write that history. The Mamba-2
-mixer reads these helpers; the Mamba-1 mixer keeps its own copy of the same rules.
+speculative decoding) is refused, because the mixers do not write that history. Both mixers
+keep the contract through these helpers.
 
 One difference between the families: transformers' `MambaBlock` calls its mixer with the cache
 and the mask only, but `Mamba2Block` hands the mixer every keyword the model's forward got

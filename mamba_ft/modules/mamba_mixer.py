@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mamba_ft import ops
-from mamba_ft.compat import SUPPORTED_TRANSFORMERS
+from mamba_ft.modules.forward_contract import (one_cache, refuse_recording_cache,
+                                               refuse_unknown_keywords)
 from mamba_ft.modules.quantized import dense_weight, projection_weight
 from mamba_ft.ops.projections import (LowRankPath, QuantizedWeight, channels_first,
                                       channels_first_to_rows, rows_to_channels_first)
@@ -50,13 +50,6 @@ class MixerWeights:
     out_proj_bias: torch.Tensor | None
     in_proj_lora: LowRankPath | None = None
     out_proj_lora: LowRankPath | None = None
-
-
-def _one_cache(cache, cache_params):
-    if cache is not None and cache_params is not None:
-        raise TypeError("MambaFTMixer.forward got both `cache` and `cache_params`; pass the "
-                        "cache once.")
-    return cache if cache is not None else cache_params
 
 
 def _mask_padding(x: torch.Tensor, attention_mask: torch.Tensor | None, time_dim: int):
@@ -129,20 +122,10 @@ class MambaFTMixer(nn.Module):
         """transformers' `MambaMixer.forward`: the cache arrives as `cache` (transformers 5.24
         and later) or `cache_params` (5.23). Any other keyword is an error, not ignored: a
         keyword swallowed here once made every decoding step start from an empty state."""
-        cache_params = _one_cache(cache, cache_params)
-        if unexpected:
-            raise TypeError(
-                f"MambaFTMixer.forward got keyword(s) it does not understand: "
-                f"{', '.join(sorted(unexpected))} (transformers {transformers.__version__}). "
-                f"mamba-ft supports transformers {SUPPORTED_TRANSFORMERS}; install a version in "
-                f"that range, or teach the mixer the new keyword.")
-        if cache_params is not None and cache_params.is_recording_past(self.layer_idx):
-            # Assisted / speculative decoding roll the cache back to a past state, which this
-            # mixer does not record: refuse rather than decode from a wrong state.
-            raise NotImplementedError(
-                "mamba-ft's mixer does not record past states for cache rollback "
-                "(assisted or speculative decoding); use plain generate, or merge the adapter "
-                "and decode with plain transformers.")
+        owner = type(self).__name__
+        cache_params = one_cache(owner, cache, cache_params)
+        refuse_unknown_keywords(owner, unexpected)
+        refuse_recording_cache(cache_params, self.layer_idx)
         w = self.mixer_weights()
         seq_len = hidden_states.shape[1]
 
