@@ -1,8 +1,8 @@
 """4-bit and 8-bit base weights through bitsandbytes (QLoRA): which modules, how, and back.
 
 `model.quantize` in a recipe (`QuantizeConfig`) names the format (`nf4`, `fp4`, `int8`) and
-which modules hold it: by default every mixer's `in_proj` and `out_proj`, the bulk of a Mamba's
-parameters. x_proj, dt_proj, conv1d, the norms and the recurrence parameters stay in the
+which modules hold it: by default every mixer's `in_proj` and `out_proj` (Mamba-1 and Mamba-2),
+the bulk of a Mamba's parameters. x_proj, dt_proj (Mamba-1), conv1d, the norms and the recurrence parameters stay in the
 compute dtype (small, read whole by the kernels and by the adapters' effective weights); the
 embeddings stay too (bitsandbytes 0.50's Embedding4bit/Embedding8bit cannot write a state
 dict, so no checkpoint or merge could be made), and so does lm_head (transformers'
@@ -34,6 +34,7 @@ from torch import nn
 
 from mamba_ft.errors import UserError, did_you_mean
 from mamba_ft.models.swap import mixers
+from mamba_ft.modules.mamba2_mixer import MambaFTMamba2Mixer
 from mamba_ft.modules.mamba_mixer import MambaFTMixer
 from mamba_ft.modules.quantized import dequantized_weight, is_quantized, quantization_kind
 
@@ -63,7 +64,7 @@ class QuantizeConfig(BaseModel):
     modules: list[str] = Field(
         default_factory=lambda: list(DEFAULT_MODULES),
         description="which mixer modules hold quantised weights: in_proj, out_proj (default), "
-                    "x_proj, dt_proj")
+                    "x_proj, dt_proj (Mamba-1 only)")
 
     @model_validator(mode="before")
     @classmethod
@@ -132,6 +133,7 @@ class QuantizationReport:
     rows: dict[str, list[int]] = field(default_factory=dict)  # name -> [count, params, before, after]
     base_bytes: int = 0  # every base parameter and buffer of the model, after quantising
     source: str = "quantised at load"
+    kept: list[str] = field(default_factory=list)  # the mixer modules left in the compute dtype
 
     def record(self) -> dict:
         """What an adapter file keeps so `mamba-ft merge` can rebuild the same base."""
@@ -151,12 +153,20 @@ class QuantizationReport:
             lines.append(f"{name:<10}{count:>9}{params:>14,}{before:>16,}{after:>15,}")
             total_before += before
             total_after += after
-        kept = [n for n in ("x_proj", "dt_proj") if n not in self.rows]
-        kept += ["conv1d", "A_log", "D", "norms", "embeddings", "lm_head"]
-        lines.append(f"kept in {self.compute_dtype}: {', '.join(kept)}")
+        lines.append(f"kept in {self.compute_dtype}: {', '.join(self.kept + ['embeddings', 'lm_head'])}")
         lines.append(f"base model: {self.base_bytes / 2**20:,.2f} MiB of weights "
                      f"({(self.base_bytes + total_before - total_after) / 2**20:,.2f} MiB unquantised)")
         return "\n".join(lines)
+
+
+def _kept(families: set[type], quantized: list[str]) -> list[str]:
+    """The mixer modules of these families that stay unquantised, in a stable order."""
+    kept: list[str] = []
+    for family in sorted(families, key=lambda f: f.__name__):
+        for name in [*_FAMILY_MODULES[family], *_FAMILY_KEPT[family]]:
+            if name not in quantized and name not in kept:
+                kept.append(name)
+    return kept
 
 
 def quantization_of(model: nn.Module) -> QuantizationReport | None:
@@ -233,29 +243,39 @@ def _quantized_linear(bnb, linear: nn.Linear, config: QuantizeConfig) -> nn.Modu
     return q
 
 
-def _mamba1_mixers(model: nn.Module, config: QuantizeConfig, where: str) -> list[MambaFTMixer]:
-    """The Mamba-1 mixers, whose forward reads quantised weights (modules/quantized.py); any
-    other mixer would read a quantised weight's packed bytes as a matrix, so it is refused."""
+# The modules each mixer family reads through `mamba_ft.modules.quantized`, and so may hold
+# quantised weights; what it keeps in the compute dtype is reported.
+_FAMILY_MODULES = {MambaFTMixer: MIXER_MODULES, MambaFTMamba2Mixer: ("in_proj", "out_proj")}
+_FAMILY_KEPT = {MambaFTMixer: ("conv1d", "A_log", "D", "norms"),
+                MambaFTMamba2Mixer: ("conv1d", "A_log", "D", "dt_bias", "norms")}
+
+
+def _quantizable_mixers(model: nn.Module, config: QuantizeConfig, where: str) -> list[nn.Module]:
+    """The mixers, when every one reads quantised weights (modules/quantized.py) in each module
+    the config names; any other mixer would read a quantised weight's packed bytes as a
+    matrix, so it is refused."""
     all_mixers = mixers(model)
     if not all_mixers:
         raise UserError(f"model.quantize: {config.kind} is implemented for Mamba models, and {where} is "
                         f"not one (or its mixers were not swapped: load it with mamba_ft.models."
                         f"load_model); set model.quantize: none for a Transformer baseline.")
-    others = sorted({type(m).__name__ for m in all_mixers if not isinstance(m, MambaFTMixer)})
+    others = sorted({type(m).__name__ for m in all_mixers if type(m) not in _FAMILY_MODULES})
     if others:
-        raise UserError(f"model.quantize: {config.kind} is implemented for Mamba-1 mixers only, and "
-                        f"{where} has {', '.join(others)}; set model.quantize: none.")
+        raise UserError(f"model.quantize: {config.kind} is implemented for mamba-ft's Mamba-1 and "
+                        f"Mamba-2 mixers, and {where} has {', '.join(others)}; set model.quantize: none.")
+    for mixer in all_mixers:
+        allowed = _FAMILY_MODULES[type(mixer)]
+        missing = [name for name in config.modules if name not in allowed]
+        if missing:
+            raise UserError(f"model.quantize.modules names {', '.join(missing)}, which "
+                            f"{type(mixer).__name__} does not have; {where} can quantise "
+                            f"{', '.join(allowed)}.")
     return all_mixers
 
 
 def _targets(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module, str, nn.Module]]:
     """(name, parent, attribute, module) for each module a config names."""
-    found = []
-    for mixer in mixers(model):
-        for name in names:
-            if name in MIXER_MODULES:
-                found.append((name, mixer, name, getattr(mixer, name)))
-    return found
+    return [(name, mixer, name, getattr(mixer, name)) for mixer in mixers(model) for name in names]
 
 
 def quantize_model(model: nn.Module, config: QuantizeConfig, where: str = "this model") -> QuantizationReport | None:
@@ -268,11 +288,12 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, where: str = "this 
         return None
     if quantization_of(model) is not None or any(is_quantized(m) for m in model.modules()):
         raise UserError(f"{where} is already quantised; quantise a full-precision model once.")
-    _mamba1_mixers(model, config, where)
+    families = {type(m) for m in _quantizable_mixers(model, config, where)}
     bnb = _require_bitsandbytes(config.kind, next(model.parameters()).device)
     report = QuantizationReport(config.kind, None if config.kind == "int8" else
                                 (True if config.double_quant is None else config.double_quant),
-                                config.compute_dtype if config.compute_dtype != "auto" else "float32")
+                                config.compute_dtype if config.compute_dtype != "auto" else "float32",
+                                kept=_kept(families, config.modules))
     dtype = config.torch_dtype()
     for name, parent, attr, linear in _targets(model, config.modules):
         before = linear.weight.numel() * dtype.itemsize
@@ -321,10 +342,10 @@ def check_prequantized(qc: dict, config: QuantizeConfig | None, where: str) -> Q
 def adopt_prequantized(model: nn.Module, config: QuantizeConfig, where: str) -> QuantizationReport:
     """Report a checkpoint transformers loaded quantised; its quantised modules must be the
     ones the recipe names (when it names them)."""
-    _mamba1_mixers(model, config, where)
+    all_mixers = _quantizable_mixers(model, config, where)
     found: dict[str, list[nn.Module]] = {}
-    for mixer in mixers(model):
-        for name in MIXER_MODULES:
+    for mixer in all_mixers:
+        for name in _FAMILY_MODULES[type(mixer)]:
             if is_quantized(getattr(mixer, name)):
                 found.setdefault(name, []).append(getattr(mixer, name))
     head = model.get_output_embeddings()
@@ -343,7 +364,8 @@ def adopt_prequantized(model: nn.Module, config: QuantizeConfig, where: str) -> 
     first = next(iter(found.values()))[0]
     double = None if config.kind == "int8" else bool(first.weight.quant_state.nested)
     dtype = str(dequantized_weight(first).dtype).removeprefix("torch.")
-    report = QuantizationReport(config.kind, double, dtype, source="saved quantised")
+    report = QuantizationReport(config.kind, double, dtype, source="saved quantised",
+                                kept=_kept({type(m) for m in all_mixers}, list(found)))
     for name, modules in found.items():
         report.rows[name] = [len(modules), sum(m.out_features * m.in_features for m in modules),
                              sum(m.out_features * m.in_features * dequantized_weight(m).element_size()

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -23,7 +22,9 @@ from mamba_ft import ops
 from mamba_ft.modules.forward_contract import (OUTPUT_ONLY_KEYWORDS, one_cache,
                                                refuse_recording_cache, refuse_unknown_keywords)
 from mamba_ft.modules.gated_rms_norm import MambaFTRMSNormGated, gated_rms_norm
-from mamba_ft.ops.projections import LowRankPath
+from mamba_ft.modules.quantized import projection_weight
+from mamba_ft.ops import projections
+from mamba_ft.ops.projections import LowRankPath, QuantizedWeight
 
 
 @dataclass
@@ -32,9 +33,11 @@ class Mamba2MixerWeights:
 
     `in_proj_lora` / `out_proj_lora` carry an optional low-rank side path (rows (..., in) ->
     (..., out)) for the two big projections, added to their outputs (docs/adapters.md).
+    `in_proj_weight` / `out_proj_weight` are quantised (`QuantizedWeight`) when the model's base
+    is (docs/quantization.md).
     """
 
-    in_proj_weight: torch.Tensor  # (2 * d_inner + 2 * groups * N + heads, hidden)
+    in_proj_weight: torch.Tensor | QuantizedWeight  # (2 * d_inner + 2 * groups * N + heads, hidden)
     in_proj_bias: torch.Tensor | None
     conv_weight: torch.Tensor  # (conv_dim, width)
     conv_bias: torch.Tensor | None
@@ -42,16 +45,10 @@ class Mamba2MixerWeights:
     A_log: torch.Tensor  # (heads,)
     D: torch.Tensor  # (heads,)
     norm_weight: torch.Tensor  # (d_inner,)
-    out_proj_weight: torch.Tensor
+    out_proj_weight: torch.Tensor | QuantizedWeight  # (hidden, d_inner)
     out_proj_bias: torch.Tensor | None
     in_proj_lora: LowRankPath | None = None
     out_proj_lora: LowRankPath | None = None
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            lora: LowRankPath | None) -> torch.Tensor:
-    out = F.linear(x, weight, bias)
-    return out if lora is None else out + lora(x).to(out.dtype)
 
 
 def _mask_padding(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -104,7 +101,7 @@ class MambaFTMamba2Mixer(nn.Module):
 
     def raw_weights(self) -> Mamba2MixerWeights:
         return Mamba2MixerWeights(
-            in_proj_weight=self.in_proj.weight,
+            in_proj_weight=projection_weight(self.in_proj),
             in_proj_bias=self.in_proj.bias,
             conv_weight=self.conv1d.weight.squeeze(1),
             conv_bias=self.conv1d.bias,
@@ -112,7 +109,7 @@ class MambaFTMamba2Mixer(nn.Module):
             A_log=self.A_log,
             D=self.D,
             norm_weight=self.norm.weight,
-            out_proj_weight=self.out_proj.weight,
+            out_proj_weight=projection_weight(self.out_proj),
             out_proj_bias=self.out_proj.bias,
         )
 
@@ -144,7 +141,8 @@ class MambaFTMamba2Mixer(nn.Module):
             conv_state = None if conv_state is None else conv_state[..., 1:].clone()
 
         hidden_states = _mask_padding(hidden_states, attention_mask)
-        projected = _linear(hidden_states, w.in_proj_weight, w.in_proj_bias, w.in_proj_lora)
+        projected = projections.rows(hidden_states, w.in_proj_weight, w.in_proj_bias,
+                                     w.in_proj_lora)
         gate, xBC, dt = projected.split(
             [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         A = -torch.exp(w.A_log.float())
@@ -170,7 +168,7 @@ class MambaFTMamba2Mixer(nn.Module):
                                      cache)
         y = gated_rms_norm(y, gate, w.norm_weight, self.norm.variance_epsilon,
                            self.intermediate_size // self.n_groups)
-        return _linear(y.to(dtype), w.out_proj_weight, w.out_proj_bias, w.out_proj_lora)
+        return projections.rows(y.to(dtype), w.out_proj_weight, w.out_proj_bias, w.out_proj_lora)
 
     def _split_heads(self, xBC: torch.Tensor):
         """(..., conv_dim) -> x (..., heads, head_dim), B and C (..., groups, N)."""

@@ -19,6 +19,7 @@ them without importing it.
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import torch
@@ -84,6 +85,16 @@ def _unpack_cpu_layout(module: nn.Module) -> None:
             module.weight.data, state)
 
 
+def _dequantize_4bit_flat(bnb, data: torch.Tensor, state) -> torch.Tensor:
+    # bitsandbytes quantises a matrix as one flat run of blocks, but its 0.50 CPU kernel
+    # dequantises a 2-D shape row by row, so rows that are not a whole number of blocks come
+    # back scrambled (tests/adapters/test_mamba2_qlora.py shows it on 32-wide rows). Asking for
+    # the flat tensor and reshaping gives the same values on every backend.
+    flat = copy.copy(state)
+    flat.shape = torch.Size([state.shape.numel()])
+    return bnb.functional.dequantize_4bit(data, flat).reshape(state.shape)
+
+
 @torch.no_grad()
 def dequantized_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The (out, in) matrix a quantised Linear represents, in `dtype` (default: the dtype it was
@@ -94,7 +105,7 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype | None = None) -> t
         w = bnb.functional.int8_vectorwise_dequant(CB, _int8_row_scales(module))
     else:
         _unpack_cpu_layout(module)
-        w = bnb.functional.dequantize_4bit(module.weight.data, _quant_state(module))
+        w = _dequantize_4bit_flat(bnb, module.weight.data, _quant_state(module))
     return w if dtype is None else w.to(dtype)
 
 

@@ -118,6 +118,20 @@ class _ChannelsFirstToRows(torch.autograd.Function):
         return dy, dw, None
 
 
+class _Rows(torch.autograd.Function):
+    """(..., in) x (out, in) -> (..., out) for a frozen quantised weight: dequantised in the
+    forward and again in the backward, never saved (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, w, dtype):
+        ctx.quantized, ctx.dtype = w, dtype
+        return F.linear(x, w.dequantize(dtype))
+
+    @staticmethod
+    def backward(ctx, g):
+        return g @ ctx.quantized.dequantize(ctx.dtype), None, None
+
+
 def _weight_in(weight, dtype: torch.dtype):
     """A tensor weight cast to `dtype`; a quantised one as it is (dequantised in the GEMM)."""
     return weight.to(dtype) if isinstance(weight, torch.Tensor) else weight
@@ -156,6 +170,21 @@ def channels_first_to_rows(y, weight, bias=None, lora: LowRankPath | None = None
         B = (lora.B * lora.scale).to(dtype)
         out = torch.baddbmm(out, h.mT, _broadcast(B.t(), y.shape[0]))
     return out
+
+
+def rows(x, weight, bias=None, lora: LowRankPath | None = None):
+    """(..., in) -> (..., out), rows to rows: Mamba-2's in_proj and out_proj, whose kernels
+    read (batch, L, channels) tensors, so `F.linear` already meets their layout.
+
+    `weight`: an (out, in) tensor or a `QuantizedWeight`."""
+    if isinstance(weight, torch.Tensor):
+        out = F.linear(x, weight, bias)
+    else:
+        dtype = compute_dtype(x)
+        out = _Rows.apply(x.to(dtype), weight, dtype)
+        if bias is not None:
+            out = out + bias.to(dtype)
+    return out if lora is None else out + lora(x).to(out.dtype)
 
 
 def channels_first(x, weight):

@@ -1,16 +1,18 @@
-"""Tiny fp32 Mamba models for the adapter tests (2 layers, d_model 32, vocab 64: milliseconds each)."""
+"""Tiny fp32 Mamba-1 and Mamba-2 models for the adapter tests (2 layers, d_model 32: milliseconds each)."""
 
 from __future__ import annotations
 
 import copy
 
 import torch
-from transformers import MambaConfig, MambaForCausalLM
+from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
 from mamba_ft.adapters import adapter_parameters
 from mamba_ft.models import swap_mixers
 
 VOCAB = 64
+MAMBA2_VOCAB = 96
 
 
 def tiny_config(hidden_size: int = 32, tie: bool = True) -> MambaConfig:
@@ -25,7 +27,29 @@ def plain_mamba(seed: int = 0, hidden_size: int = 32, tie: bool = True) -> Mamba
     return MambaForCausalLM(tiny_config(hidden_size, tie)).float()
 
 
-def ft_copy(model: MambaForCausalLM) -> MambaForCausalLM:
+def tiny_mamba2_config(tie: bool = False, hidden_size: int = 32) -> Mamba2Config:
+    # 8 heads of 8 channels in 2 groups, state 8, chunks of 8, so in_proj's rows are
+    # [z 64 | x 64 | B 16 | C 16 | dt 8] = 168 and conv1d has 96 channels.
+    return Mamba2Config(vocab_size=MAMBA2_VOCAB, hidden_size=hidden_size, expand=2,
+                        num_heads=hidden_size // 4, head_dim=8, n_groups=2, state_size=8,
+                        num_hidden_layers=2, conv_kernel=4, chunk_size=8, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2, tie_word_embeddings=tie)
+
+
+def plain_mamba2(seed: int = 0, **kw) -> Mamba2ForCausalLM:
+    """transformers' own Mamba2ForCausalLM, random init; D and the gated norm's weight moved off
+    their 1.0 start so a wrong D or norm path shows."""
+    torch.manual_seed(seed)
+    model = Mamba2ForCausalLM(tiny_mamba2_config(**kw)).float()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Mamba2Mixer):
+                module.D.normal_()
+                module.norm.weight.normal_(1.0, 0.2)
+    return model
+
+
+def ft_copy(model):
     """The same weights with mamba-ft's mixers."""
     out = copy.deepcopy(model)
     swap_mixers(out)

@@ -17,9 +17,10 @@ import json
 import pytest
 import torch
 from pydantic import ValidationError
-from transformers import DynamicCache, Mamba2Config, Mamba2ForCausalLM
+from transformers import DynamicCache, Mamba2ForCausalLM
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
+from adapter_models import MAMBA2_VOCAB, ft_copy, plain_mamba2, randomize_adapters
 from mamba_ft.adapters import (
     MAMBA2,
     AdapterConfig,
@@ -32,50 +33,15 @@ from mamba_ft.adapters import (
     save_adapters,
 )
 from mamba_ft.errors import UserError
-from mamba_ft.models import document_starts, mixers, swap_mixers
+from mamba_ft.models import document_starts, mixers
 
 # Touches transformers / PEFT internals: .ci/run re-runs it on the lowest supported versions.
 pytestmark = pytest.mark.seam
 
 CACHE = "cache" if "cache" in inspect.signature(Mamba2ForCausalLM.forward).parameters else "cache_params"
-VOCAB = 96
+VOCAB = MAMBA2_VOCAB
 EVERYTHING = ["all", "embeddings", "lm_head"]
 BLOCKS = ["in_proj.z", "in_proj.x", "in_proj.B", "in_proj.C", "in_proj.dt"]
-
-
-def config(tie: bool = False, hidden_size: int = 32) -> Mamba2Config:
-    # conftest's tiny_mamba2_config: 8 heads of 8 channels in 2 groups, state 8, chunks of 8, so
-    # in_proj's rows are [z 64 | x 64 | B 16 | C 16 | dt 8] = 168 and conv1d has 96 channels.
-    return Mamba2Config(vocab_size=VOCAB, hidden_size=hidden_size, expand=2,
-                        num_heads=hidden_size // 4, head_dim=8, n_groups=2, state_size=8,
-                        num_hidden_layers=2, conv_kernel=4, chunk_size=8, pad_token_id=0,
-                        bos_token_id=1, eos_token_id=2, tie_word_embeddings=tie)
-
-
-def plain_mamba2(seed: int = 0, **kw) -> Mamba2ForCausalLM:
-    """transformers' own Mamba2ForCausalLM, random init; D and the gated norm's weight moved off
-    their 1.0 start so a wrong D or norm path shows."""
-    torch.manual_seed(seed)
-    model = Mamba2ForCausalLM(config(**kw)).float()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, Mamba2Mixer):
-                module.D.normal_()
-                module.norm.weight.normal_(1.0, 0.2)
-    return model
-
-
-def ft_copy(model: Mamba2ForCausalLM) -> Mamba2ForCausalLM:
-    out = copy.deepcopy(model)
-    swap_mixers(out)
-    return out
-
-
-def randomize_adapters(model, seed: int = 1, std: float = 0.1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(adapter_parameters(model).items()):
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
 def adapted(targets, seed=0, tie=False, hidden_size=32, **kw):

@@ -144,7 +144,7 @@ def test_mamba2_weights_that_do_not_fit_the_config_are_named(tiny_mamba2_config,
 
 def test_loaded_mamba2_takes_adapters(tiny_mamba2_config):
     """load_model's Mamba-2 takes adapters on its mixers (tests/adapters/test_mamba2_adapters.py
-    tests them); QLoRA stays refused: the Mamba-2 mixer does not read quantised weights."""
+    tests them, tests/adapters/test_mamba2_qlora.py on a quantised base)."""
     from mamba_ft.adapters import AdapterConfig, attach_adapters
 
     model = load_model(tiny_mamba2_config, need_tokenizer=False).model
@@ -152,7 +152,3 @@ def test_loaded_mamba2_takes_adapters(tiny_mamba2_config):
     assert [r.target for r in report.rows] == ["in_proj", "conv1d", "out_proj", "norm", "A_log",
                                                "D", "dt_bias"]
     assert all(m.adapter is not None for m in mixers(model))
-    from mamba_ft.models.quantize import QuantizeConfig, quantize_model
-
-    with pytest.raises(UserError, match="Mamba-1 mixers only"):
-        quantize_model(model, QuantizeConfig(kind="nf4"))
