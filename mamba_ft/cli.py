@@ -71,17 +71,22 @@ def describe_model(loaded) -> list[tuple[str, str]]:
     from collections import Counter
 
     from mamba_ft.models import mixers
+    from mamba_ft.models.model_types import mamba_model_type
+    from mamba_ft.modules import MambaFTMamba2Mixer
 
     model, config = loaded.model, loaded.model.config
     found = mixers(model)
     dtypes = Counter(str(p.dtype).replace("torch.", "") for p in model.parameters())
     rows = []
-    if config.model_type == "mamba2":
-        rows += [("family", f"Mamba-2 (mamba-ft mixers: {len(found)})"),
+    entry = mamba_model_type(config.model_type)
+    if entry is not None and isinstance(found[0], MambaFTMamba2Mixer):
+        m = found[0]
+        rows += [("family", f"{entry.name} (mamba-ft Mamba-2 mixers: {len(found)} of "
+                            f"{config.num_hidden_layers} layers)"),
                  ("shape", f"d_model {config.hidden_size}, {config.num_hidden_layers} layers, "
-                           f"{config.num_heads} heads x {config.head_dim}, {config.n_groups} B/C "
-                           f"group(s), state {config.state_size}, conv {config.conv_kernel}, "
-                           f"chunk {config.chunk_size}")]
+                           f"{m.num_heads} heads x {m.head_dim}, {m.n_groups} B/C group(s), "
+                           f"state {m.ssm_state_size}, conv {m.conv_kernel_size}, "
+                           f"chunk {m.chunk_size}")]
     elif loaded.is_mamba:
         rows += [("family", f"Mamba (mamba-ft mixers: {len(found)})"),
                  ("shape", f"d_model {config.hidden_size}, {config.num_hidden_layers} layers, "
@@ -95,16 +100,16 @@ def describe_model(loaded) -> list[tuple[str, str]]:
     rows += [("vocabulary", f"{config.vocab_size}{tokenizer}"),
              ("parameters", f"{sum(p.numel() for p in model.parameters()):,}"),
              ("dtype", ", ".join(f"{name} ({count} tensors)" for name, count in dtypes.most_common()))]
-    rows.append(("adapter targets", _adapter_targets(config.model_type, loaded.is_mamba)))
+    rows.append(("adapter targets", _adapter_targets(found)))
     return rows
 
 
-def _adapter_targets(model_type: str, is_mamba: bool) -> str:
-    from mamba_ft.adapters.families import FAMILIES
+def _adapter_targets(found: list) -> str:
+    from mamba_ft.adapters.families import family_of_model
 
-    if not is_mamba:
+    if not found:
         return "its module names, or all_linear (PEFT LoRA)"
-    family = next(f.targets for f in FAMILIES if f.targets.model_type == model_type)
+    family = family_of_model(found).targets
     return f"{', '.join(family.targets)}; aliases {', '.join(family.aliases)}"
 
 

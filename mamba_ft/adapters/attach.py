@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from mamba_ft.adapters.config import AdapterConfig, TargetFamily
-from mamba_ft.adapters.families import MAMBA_MODEL_TYPES, MixerFamily, family_of_model
+from mamba_ft.adapters.families import MixerFamily, family_of_model
 from mamba_ft.adapters.lora import (
     EmbeddingAdapter,
     HeadAdapter,
@@ -22,6 +22,7 @@ from mamba_ft.adapters.lora import (
 from mamba_ft.adapters.report import AdapterReport, ReportRow
 from mamba_ft.errors import UserError
 from mamba_ft.models import mixers
+from mamba_ft.models.model_types import mamba_model_type
 from mamba_ft.modules.quantized import logical_numel
 
 _ATTR = "mamba_ft_adapters"
@@ -73,8 +74,8 @@ def attach_adapters(model: nn.Module, config: AdapterConfig) -> AdapterReport:
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     base = _count_base(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in MAMBA_MODEL_TYPES and not mixers(model):
-        raise UserError("This Mamba model still has transformers' own mixers, which read raw weights "
+    if mamba_model_type(model_type) is not None and not mixers(model):
+        raise UserError("This model still has transformers' own Mamba mixers, which read raw weights "
                         "and would bypass adapters; load it with mamba_ft.models.load_model (or call "
                         "mamba_ft.models.swap_mixers) before attaching adapters.")
     if mixers(model):
@@ -84,6 +85,8 @@ def attach_adapters(model: nn.Module, config: AdapterConfig) -> AdapterReport:
         notes = []
         if config.dropout > 0:
             notes.append(f"dropout {config.dropout} acts on the side paths (in_proj, out_proj, lm_head) only.")
+        if mamba_model_type(model_type) is not None and mamba_model_type(model_type).hybrid:
+            notes.append(_hybrid_coverage(model))
     else:
         from mamba_ft.adapters.baseline import attach_peft
 
@@ -137,6 +140,21 @@ def _attach_mamba(model: nn.Module, config: AdapterConfig, family: MixerFamily):
         counts["lm_head"] = [1, sum(p.numel() for p in adapter.parameters())]
         module_targets[module_paths[id(head)]] = "lm_head"
     return [ReportRow(t, c[0], c[1]) for t, c in counts.items()], module_targets
+
+
+def _hybrid_coverage(model: nn.Module) -> str:
+    """The layer kinds of a hybrid and which of them hold adapters, so no gap is hidden."""
+    kinds = {"attention": 0, "MLP / MoE": 0}
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith("Attention"):
+            kinds["attention"] += 1
+        elif name.endswith(("MLP", "MoE", "SparseMoeBlock")):
+            kinds["MLP / MoE"] += 1
+    others = ", ".join(f"{n} {kind}" for kind, n in kinds.items() if n)
+    return (f"hybrid model: adapters in its {len(mixers(model))} Mamba layers (and embeddings / "
+            f"lm_head where named); its {others} layers are not adapted (LoRA on them is not built "
+            f"yet, docs/models.md).")
 
 
 def detach_adapters(model: nn.Module) -> None:

@@ -30,9 +30,6 @@ FAMILIES = (
     MixerFamily(MambaFTMamba2Mixer, MAMBA2, Mamba2MixerAdapter),
 )
 
-# model_type of the transformers models whose own mixers must be swapped before adapting.
-MAMBA_MODEL_TYPES = tuple(f.targets.model_type for f in FAMILIES)
-
 
 def family_of_mixer(mixer: nn.Module) -> MixerFamily:
     for family in FAMILIES:

@@ -1,15 +1,16 @@
 """One loader for every way a user names a model.
 
 `load_model(source)` accepts
-- a Hugging Face format directory (config.json + safetensors), Mamba, Mamba-2 or any causal LM;
+- a Hugging Face format directory (config.json + safetensors): Mamba, Mamba-2, a hybrid with
+  Mamba-2 layers (`model_types.MODEL_TYPES`), or any causal LM;
 - an original mamba_ssm format directory (config.json with d_model / n_layer / ssm_cfg,
   weights in pytorch_model.bin), converted on load into transformers' MambaForCausalLM, or
   Mamba2ForCausalLM when `ssm_cfg.layer` is Mamba2;
 - a config alone: a .json / .yaml file, a dict or a `PretrainedConfig` (random init);
 - `bundled:NAME` for the tiny models shipped inside the package;
 - a hub id, when a network exists.
-Every Mamba model (model_type `mamba` or `mamba2`) comes back with its mixers and RMSNorms
-swapped for mamba-ft's (`swap_mixers`, `swap_norms`).
+Every model of a type in `model_types.MODEL_TYPES` comes back with its Mamba mixers swapped for
+mamba-ft's (`swap_mixers`), and a pure Mamba with its RMSNorms too (`swap_norms`).
 Nothing here runs code from the user's files: safetensors, `torch.load(weights_only=True)`,
 `yaml.safe_load`, and `trust_remote_code` only when the caller passes it.
 """
@@ -31,13 +32,12 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    Mamba2ForCausalLM,
-    MambaForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
 )
 
 from mamba_ft.errors import UserError
+from mamba_ft.models.model_types import NOT_YET, mamba_model_type, supported_names
 from mamba_ft.models.mamba_ssm_format import (is_mamba_ssm_config, load_mamba_ssm_dir,
                                              unsafe_pickle_message)
 from mamba_ft.models.quantize import (QuantizationReport, QuantizeConfig, adopt_prequantized,
@@ -47,12 +47,6 @@ from mamba_ft.models.swap import swap_mixers, swap_norms
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "bundled"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-# The model types mamba-ft swaps its mixers into, and the transformers class of each.
-MAMBA_CLASSES = {"mamba": MambaForCausalLM, "mamba2": Mamba2ForCausalLM}
-SUPPORTED_FAMILIES = "Mamba-1 (model_type 'mamba') and Mamba-2 (model_type 'mamba2')"
-# Model types with Mamba mixers that mamba-ft does not serve yet (hybrids, variants).
-_OTHER_MAMBA_TYPES = ("falcon_mamba", "falcon_h1", "nemotron_h", "jamba", "zamba", "zamba2",
-                      "bamba", "granitemoehybrid")
 
 
 @dataclass
@@ -131,17 +125,26 @@ def config_from_dict(data: dict, where: str, allow_transformers: bool) -> Pretra
 
 
 def check_family(model_type: str | None, where: str, allow_transformers: bool) -> bool:
-    """True for a Mamba-1 or Mamba-2 model; a clear error for what mamba-ft cannot load as asked."""
-    if model_type in MAMBA_CLASSES:
+    """True for a model type with Mamba mixers that mamba-ft serves; a clear error for what
+    mamba-ft cannot load as asked."""
+    if mamba_model_type(model_type) is not None:
         return True
-    if model_type in _OTHER_MAMBA_TYPES:
-        raise UserError(f"{where} is a {model_type!r} model; mamba-ft supports "
-                        f"{SUPPORTED_FAMILIES} checkpoints only for now.")
+    if model_type in NOT_YET:
+        raise UserError(f"{where} is a {NOT_YET[model_type]} model ({model_type!r}), which mamba-ft "
+                        f"does not serve yet; it serves {supported_names()}.")
     if not allow_transformers:
-        raise UserError(f"{where} is a {model_type!r} model, not a Mamba (model_type 'mamba' or "
-                        f"'mamba2'); point to a Mamba checkpoint, or load it as a Transformer "
-                        f"baseline.")
+        raise UserError(f"{where} is a {model_type!r} model, not one with Mamba layers "
+                        f"({supported_names()}); point to such a checkpoint, or load it as a "
+                        f"Transformer baseline.")
     return False
+
+
+def _causal_lm_class(model_type: str):
+    """The transformers class that builds this model type: the Mamba entry's, else Auto's."""
+    entry = mamba_model_type(model_type)
+    if entry is None or entry.causal_lm_class is None:
+        return AutoModelForCausalLM
+    return entry.load_class(entry.causal_lm_class)
 
 
 def load_tokenizer(path: Path | str, where: str, trust_remote_code: bool = False):
@@ -222,7 +225,7 @@ def load_model(
     """Load a model (and its tokenizer) from any source described in the module docstring.
 
     `tokenizer` overrides where the tokenizer comes from (required for a config alone when
-    `need_tokenizer`). Mamba models (Mamba-1, Mamba-2) always come back with mamba-ft's mixers. `quantize`
+    `need_tokenizer`). Models with Mamba layers always come back with mamba-ft's mixers. `quantize`
     (bitsandbytes, models/quantize.py) quantises the base after loading; a checkpoint saved
     quantised must agree with it, and is read by transformers' own bitsandbytes loader.
     """
@@ -254,8 +257,8 @@ def load_model(
                 if raw.get("quantization_config") is not None:
                     prequantized = check_prequantized(raw["quantization_config"], quantize, where)
                 config = config_from_dict(raw, str(config_path), allow_transformers)
-                is_mamba = config.model_type in MAMBA_CLASSES
-                cls = MAMBA_CLASSES.get(config.model_type, AutoModelForCausalLM)
+                is_mamba = mamba_model_type(config.model_type) is not None
+                cls = _causal_lm_class(config.model_type)
                 # A quantised checkpoint's weights are packed (a 4-bit matrix is stored as a
                 # column of bytes): transformers' bitsandbytes loader checks those shapes.
                 model = _from_pretrained(cls, path, where, dtype, trust_remote_code,
@@ -272,7 +275,7 @@ def load_model(
             if getattr(config, "quantization_config", None) is not None:
                 qc = config.quantization_config
                 prequantized = check_prequantized(qc if isinstance(qc, dict) else qc.to_dict(), quantize, where)
-            cls = MAMBA_CLASSES.get(config.model_type, AutoModelForCausalLM)
+            cls = _causal_lm_class(config.model_type)
             model = _from_pretrained(cls, path, where, dtype, trust_remote_code)
             tokenizer_from = tokenizer_from or path
 
@@ -295,11 +298,9 @@ def load_model(
 
 
 def _random_init(config: PretrainedConfig, dtype, seed):
-    is_mamba = config.model_type in MAMBA_CLASSES
+    is_mamba = mamba_model_type(config.model_type) is not None
     if seed is not None:
         torch.manual_seed(seed)
-    if is_mamba:
-        model = MAMBA_CLASSES[config.model_type](config)
-    else:
-        model = AutoModelForCausalLM.from_config(config)
+    cls = _causal_lm_class(config.model_type)
+    model = cls(config) if cls is not AutoModelForCausalLM else cls.from_config(config)
     return model.to(dtype), is_mamba

@@ -1,8 +1,9 @@
-"""Replace transformers' Mamba mixers and RMSNorms by mamba-ft's, in place.
+"""Replace transformers' Mamba mixers (and a pure Mamba's RMSNorms) by mamba-ft's, in place.
 
-Mamba-1 (`MambaMixer`, `MambaRMSNorm`) and Mamba-2 (`Mamba2Mixer`, whose gated norm the mixer
-takes over, and `Mamba2RMSNorm`, the blocks' and the final norm: the same formula as
-`MambaRMSNorm`).
+Which transformers classes are replaced, and by what, is `mamba_ft.models.model_types`: the
+Mamba-1 mixer, the Mamba-2 mixer and the hybrids' Mamba-2 mixers (Bamba, Nemotron-H,
+Granite-4.0-H, Zamba2), whose gated norm the mixer takes over; and the pure Mamba models'
+`MambaRMSNorm` / `Mamba2RMSNorm` (the same formula) for their blocks' and final norms.
 """
 
 from __future__ import annotations
@@ -11,39 +12,58 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers.models.mamba.modeling_mamba import MambaMixer, MambaRMSNorm
-from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer, Mamba2RMSNorm
 
 from mamba_ft.compat import warn_if_untested_transformers
-from mamba_ft.modules import (MIXER_CLASSES, MambaFTMamba2Mixer, MambaFTMixer,
-                              MambaFTRMSNorm)
+from mamba_ft.models.model_types import MODEL_TYPES
+from mamba_ft.modules import MIXER_CLASSES, MambaFTMamba2Mixer, MambaFTMixer, MambaFTRMSNorm
 
 
-def _swap(model: nn.Module, hf_class: type, replacement) -> int:
-    """Replace every child module of `hf_class` by `replacement(child)`; return how many."""
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__name__}"
+
+
+# "module:Class" of each transformers mixer -> its model type's entry. Matching the exact class
+# by name imports no modeling module a model does not use.
+_MIXERS = {t.mixer_class: t for t in MODEL_TYPES.values()}
+_NORMS = {path for t in MODEL_TYPES.values() for path in t.norm_classes}
+
+
+def _swap(model: nn.Module, replace) -> int:
+    """Replace every child for which `replace(child)` gives a module; return how many."""
     swapped = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, hf_class):
-                setattr(module, name, replacement(child))
+            new = replace(child)
+            if new is not None:
+                setattr(module, name, new)
                 swapped += 1
     return swapped
 
 
+def _mamba_ft_mixer(child: nn.Module) -> nn.Module | None:
+    entry = _MIXERS.get(_class_path(type(child)))
+    if entry is None:
+        return None
+    mixer = entry.replacement(child)
+    mixer.ignored_keywords = entry.ignored_keywords
+    return mixer
+
+
 def swap_mixers(model: nn.Module) -> int:
-    """Swap every transformers MambaMixer / Mamba2Mixer for mamba-ft's, holding the same tensors.
+    """Swap every transformers Mamba mixer (`model_types.MODEL_TYPES`) for mamba-ft's, holding
+    the same tensors.
 
     Returns how many were swapped. Parameter names and shapes do not change, so state dicts,
     optimizers built afterwards and `save_pretrained` behave as with plain transformers.
     """
     warn_if_untested_transformers()
-    return _swap(model, MambaMixer, MambaFTMixer) + _swap(model, Mamba2Mixer, MambaFTMamba2Mixer)
+    return _swap(model, _mamba_ft_mixer)
 
 
 def swap_norms(model: nn.Module) -> int:
-    """Swap every transformers MambaRMSNorm / Mamba2RMSNorm for a MambaFTRMSNorm holding the
-    same weight."""
-    return _swap(model, MambaRMSNorm, MambaFTRMSNorm) + _swap(model, Mamba2RMSNorm, MambaFTRMSNorm)
+    """Swap every pure Mamba's transformers RMSNorm (MambaRMSNorm / Mamba2RMSNorm) for a
+    MambaFTRMSNorm holding the same weight."""
+    return _swap(model, lambda c: MambaFTRMSNorm(c) if _class_path(type(c)) in _NORMS else None)
 
 
 def mixers(model: nn.Module) -> list[MambaFTMixer | MambaFTMamba2Mixer]:

@@ -98,6 +98,9 @@ class MambaFTMamba2Mixer(nn.Module):
         # Set by `mamba_ft.models.set_recompute_ssm`: run conv -> scan again in the backward
         # instead of storing its activations.
         self.recompute_ssm = False
+        # Set by the swap from the model type's entry (`mamba_ft.models.model_types`): keywords
+        # that model's blocks pass and a mixer has no use for.
+        self.ignored_keywords: frozenset[str] = frozenset()
 
     def raw_weights(self) -> Mamba2MixerWeights:
         return Mamba2MixerWeights(
@@ -121,12 +124,14 @@ class MambaFTMamba2Mixer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask=None, *,
                 cache_params=None, **unexpected):
         """transformers' `Mamba2Mixer.forward`: the cache arrives as `cache` or
-        `cache_params`. `Mamba2Block` passes the model's keywords on: the output-only ones
-        (`forward_contract.OUTPUT_ONLY_KEYWORDS`) are ignored, any other is an error, not
-        dropped (transformers' own mixer hands them to kernels that drop what they do not
-        know, `seq_idx` included on its PyTorch path)."""
+        `cache_params`. `Mamba2Block` (and the hybrids' blocks) pass the model's keywords on:
+        the output-only ones (`forward_contract.OUTPUT_ONLY_KEYWORDS`) and the model type's
+        `ignored_keywords` are ignored, any other is an error, not dropped (transformers' own
+        mixer hands them to kernels that drop what they do not know, `seq_idx` included on its
+        PyTorch path)."""
         cache = one_cache(type(self).__name__, cache, cache_params)
-        refuse_unknown_keywords(type(self).__name__, unexpected, OUTPUT_ONLY_KEYWORDS)
+        refuse_unknown_keywords(type(self).__name__, unexpected,
+                                OUTPUT_ONLY_KEYWORDS | self.ignored_keywords)
         refuse_recording_cache(cache, self.layer_idx)
         w = self.mixer_weights()
         batch, seq_len, _ = hidden_states.shape

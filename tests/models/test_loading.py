@@ -77,7 +77,7 @@ def test_transformer_baseline_loads_only_when_allowed(tmp_path):
                         intermediate_size=64).to_dict()
     loaded = load_model(cfg, need_tokenizer=False, allow_transformers=True)
     assert not loaded.is_mamba
-    with pytest.raises(UserError, match="not a Mamba"):
+    with pytest.raises(UserError, match="not one with Mamba layers"):
         load_model(cfg, need_tokenizer=False)
 
 
@@ -110,10 +110,11 @@ def test_cli_missing_path(tmp_path):
 def test_cli_other_model_type(tmp_path, capsys):
     # A Mamba variant mamba-ft does not serve yet: the message lists what it does serve.
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "falcon_mamba", "hidden_size": 8}))
-    assert_clean_error(run_main(capsys, "info", str(tmp_path)), "'falcon_mamba'", "Mamba-1", "Mamba-2")
+    assert_clean_error(run_main(capsys, "info", str(tmp_path)), "'falcon_mamba'", "does not serve yet",
+                       "Mamba ('mamba')", "Mamba-2 ('mamba2')", "Nemotron-H ('nemotron_h')")
     llama = tmp_path / "llama.json"
     llama.write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
-    with pytest.raises(UserError, match="not a Mamba"):
+    with pytest.raises(UserError, match="not one with Mamba layers"):
         load_model(llama, need_tokenizer=False)
 
 

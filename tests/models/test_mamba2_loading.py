@@ -128,7 +128,7 @@ def test_info_describes_a_mamba2_model(tiny_mamba2_config, tmp_path, word_tokeni
     word_tokenizer_factory(tmp_path)
     assert main(["info", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "Mamba-2 (mamba-ft mixers: 2)" in out
+    assert "Mamba-2 (mamba-ft Mamba-2 mixers: 2 of 2 layers)" in out
     assert "8 heads x 8, 2 B/C group(s), state 8" in out and "chunk 8" in out
     assert "in_proj.dt" in out and "norm" in out and "aliases all_linear, all" in out
 

@@ -1,0 +1,89 @@
+"""The transformers model types whose layers hold a Mamba mixer, and how mamba-ft serves each.
+
+One `MambaModelType` per model type says which transformers class holds its Mamba mixers, which
+mamba-ft mixer replaces them (they take over the transformers module's parameters under the same
+names), and what else the swap must know. Adding a model type is one entry here; the loader,
+the swap, the adapters and the training loop read this table and nothing type-specific.
+
+Pure Mamba models (`mamba`, `mamba2`) also get mamba-ft's RMSNorm for their blocks' and final
+norms; the hybrids keep every layer but the mixers as transformers builds them (attention, MLP,
+MoE, their norms).
+
+Tested per type in tests/models/test_model_types.py: logits and greedy decoding equal plain
+transformers' on the same weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from mamba_ft.modules import MambaFTMamba2Mixer, MambaFTMixer
+
+
+@dataclass(frozen=True)
+class MambaModelType:
+    model_type: str
+    name: str  # as users know it
+    mixer_class: str  # "module:Class" of the transformers mixer mamba-ft replaces
+    replacement: type[nn.Module]  # mamba-ft's mixer, constructed from the transformers one
+    causal_lm_class: str | None = None  # "module:Class"; None: AutoModelForCausalLM picks it
+    norm_classes: tuple[str, ...] = ()  # RMSNorms swapped for MambaFTRMSNorm (pure Mamba only)
+    # Keywords the model's blocks hand the mixer that mean nothing to it (Zamba2 passes the
+    # shared attention's rotary embeddings to every layer); any other unknown one stays an error.
+    ignored_keywords: frozenset[str] = field(default_factory=frozenset)
+    hybrid: bool = False  # attention / MLP layers beside the Mamba ones
+    example_checkpoint: str = ""  # a Hub id of this type, for messages and recipes
+
+    def load_class(self, path: str) -> type:
+        module, _, name = path.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def transformers_mixer(self) -> type[nn.Module]:
+        return self.load_class(self.mixer_class)
+
+
+_T = "transformers.models."
+MODEL_TYPES: dict[str, MambaModelType] = {t.model_type: t for t in (
+    MambaModelType("mamba", "Mamba", _T + "mamba.modeling_mamba:MambaMixer", MambaFTMixer,
+                   causal_lm_class=_T + "mamba.modeling_mamba:MambaForCausalLM",
+                   norm_classes=(_T + "mamba.modeling_mamba:MambaRMSNorm",),
+                   example_checkpoint="state-spaces/mamba-130m-hf"),
+    MambaModelType("mamba2", "Mamba-2", _T + "mamba2.modeling_mamba2:Mamba2Mixer",
+                   MambaFTMamba2Mixer,
+                   causal_lm_class=_T + "mamba2.modeling_mamba2:Mamba2ForCausalLM",
+                   norm_classes=(_T + "mamba2.modeling_mamba2:Mamba2RMSNorm",),
+                   example_checkpoint="state-spaces/mamba2-130m"),
+    MambaModelType("bamba", "Bamba", _T + "bamba.modeling_bamba:BambaMixer", MambaFTMamba2Mixer,
+                   hybrid=True, example_checkpoint="ibm-ai-platform/Bamba-9B-v2"),
+    MambaModelType("nemotron_h", "Nemotron-H",
+                   _T + "nemotron_h.modeling_nemotron_h:NemotronHMamba2Mixer", MambaFTMamba2Mixer,
+                   hybrid=True, example_checkpoint="nvidia/NVIDIA-Nemotron-Nano-9B-v2"),
+    MambaModelType("granitemoehybrid", "Granite-4.0-H",
+                   _T + "granitemoehybrid.modeling_granitemoehybrid:GraniteMoeHybridMambaLayer",
+                   MambaFTMamba2Mixer, hybrid=True,
+                   example_checkpoint="ibm-granite/granite-4.0-h-tiny"),
+    MambaModelType("zamba2", "Zamba2", _T + "zamba2.modeling_zamba2:Zamba2MambaMixer",
+                   MambaFTMamba2Mixer, ignored_keywords=frozenset({"position_embeddings"}),
+                   hybrid=True, example_checkpoint="Zyphra/Zamba2-1.2B"),
+)}
+
+# Model types with Mamba mixers that mamba-ft does not serve yet: a clear refusal, not a
+# Transformer load that would leave transformers' mixers (and their raw-weight fused paths) in.
+NOT_YET = {
+    "falcon_mamba": "FalconMamba (Mamba-1 with RMS norms on B, C and dt)",
+    "jamba": "Jamba (Mamba-1 layers beside attention and MoE)",
+    "zamba": "Zamba (Mamba-1 layers beside a shared attention block)",
+    "falcon_h1": "Falcon-H1 (Mamba-2 layers with muP multipliers beside attention)",
+}
+
+
+def mamba_model_type(model_type: str | None) -> MambaModelType | None:
+    """The entry for a model type mamba-ft serves, None for any other (a Transformer)."""
+    return MODEL_TYPES.get(model_type)
+
+
+def supported_names() -> str:
+    return ", ".join(f"{t.name} ('{t.model_type}')" for t in MODEL_TYPES.values())

@@ -1,0 +1,136 @@
+"""The hybrid model types with Mamba-2 layers (Bamba, Nemotron-H, Granite-4.0-H, Zamba2), each
+built tiny by plain transformers (no downloads).
+
+Reference: the same weights in plain transformers (its own mixers on their PyTorch path). fp32
+logits within 1e-5 (the two SSD implementations sum in different orders) and identical greedy
+tokens through each type's own hybrid cache; adapters on every Mamba buffer give every adapter
+tensor a gradient, and merging them gives a plain transformers checkpoint of the same type with
+the adapter model's logits (1e-4: merged weights against side paths, rounding only).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from mamba_ft.adapters import (AdapterConfig, adapter_parameters, attach_adapters,
+                               check_adapter_gradients, merge_adapters)
+from mamba_ft.errors import UserError
+from mamba_ft.models import load_model, mixers
+from mamba_ft.models.model_types import MODEL_TYPES
+from mamba_ft.modules import MambaFTMamba2Mixer
+
+# Touches transformers internals (each type's mixer class and cache): rerun on the lowest versions.
+pytestmark = pytest.mark.seam
+
+VOCAB = 96
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=48, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# Each: 8 Mamba heads of 8 channels in 2 groups, state 8, chunks of 8; Mamba layers beside
+# attention (and MLP) layers.
+CONFIGS = {
+    "bamba": dict(num_hidden_layers=3, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=8,
+                  mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+                  mamba_chunk_size=8),
+    "nemotron_h": dict(layers_block_type=["mamba", "attention", "mlp", "mamba"],
+                       num_hidden_layers=4, mamba_num_heads=8, mamba_head_dim=8, n_groups=2,
+                       ssm_state_size=8, conv_kernel=4, expand=2, chunk_size=8),
+    "granitemoehybrid": dict(num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"],
+                             mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8,
+                             mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=8,
+                             num_local_experts=0),
+    "zamba2": dict(num_hidden_layers=4, layers_block_type=["mamba", "hybrid", "mamba", "mamba"],
+                   n_mamba_heads=8, mamba_headdim=8, mamba_ngroups=2, mamba_d_state=8,
+                   mamba_d_conv=4, mamba_expand=2, chunk_size=8, attention_head_dim=8,
+                   num_mem_blocks=1, use_shared_attention_adapter=False, use_mem_rope=False),
+}
+HYBRIDS = sorted(CONFIGS)
+
+
+def plain(model_type: str, seed: int = 0):
+    """transformers' own model, random init, with D and the gated norm moved off their 1.0
+    start so a wrong D or norm path shows."""
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **_COMMON, **CONFIGS[model_type])
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    mixer_class = MODEL_TYPES[model_type].transformers_mixer()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, mixer_class):
+                module.D.normal_()
+                module.norm.weight.normal_(1.0, 0.2)
+                module.dt_bias.normal_(0.0, 0.5)
+    return model
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    # 21 positions: not a multiple of the chunk (8).
+    return torch.randint(3, VOCAB, (2, 21), generator=torch.Generator().manual_seed(7))
+
+
+def test_every_hybrid_in_this_file_is_a_registered_type():
+    assert {t for t, e in MODEL_TYPES.items() if e.hybrid} == set(HYBRIDS)
+
+
+@pytest.mark.parametrize("model_type", HYBRIDS)
+def test_hybrid_loads_with_mamba_ft_mixers_and_equals_plain_transformers(model_type, tmp_path, ids):
+    reference = plain(model_type)
+    n_mamba = sum(isinstance(m, MODEL_TYPES[model_type].transformers_mixer())
+                  for m in reference.modules())
+    reference.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path, need_tokenizer=False)
+    model = loaded.model.eval()
+    assert loaded.is_mamba and type(model) is type(reference)
+    found = mixers(model)
+    assert len(found) == n_mamba >= 2 and all(type(m) is MambaFTMamba2Mixer for m in found)
+    # Every other layer is transformers' own, and every parameter keeps its name.
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in reference.named_parameters()]
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding in the second row
+    with torch.no_grad():
+        for kwargs in ({}, {"attention_mask": mask}):
+            ours, theirs = model(ids, **kwargs).logits, reference(ids, **kwargs).logits
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        # Greedy decoding through the type's own hybrid cache: identical tokens.
+        ours = model.generate(ids[:, :9], max_new_tokens=6, do_sample=False)
+        theirs = reference.generate(ids[:, :9], max_new_tokens=6, do_sample=False)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("model_type", HYBRIDS)
+def test_hybrid_adapters_train_every_mamba_buffer_and_merge_to_plain_transformers(model_type,
+                                                                                  tmp_path, ids):
+    reference = plain(model_type, seed=1)
+    reference.save_pretrained(tmp_path / "base")
+    model = load_model(tmp_path / "base", need_tokenizer=False).model
+    report = attach_adapters(model, AdapterConfig(targets=["all", "embeddings", "lm_head"], rank=3))
+    # The report says which layer kinds hold no adapters.
+    assert any("hybrid model" in note and "not adapted" in note for note in report.notes)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in sorted(adapter_parameters(model).items()):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    model(ids, labels=ids).loss.backward()
+    check_adapter_gradients(model)
+    zero = [n for n, p in adapter_parameters(model).items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not zero, zero
+    in_every_mixer = {r.target for r in report.rows if r.modules == len(mixers(model))}
+    assert {"in_proj", "conv1d", "out_proj", "norm", "A_log", "D", "dt_bias"} <= in_every_mixer
+    model.eval()
+    with torch.no_grad():
+        adapter_logits = model(ids).logits
+    merge_adapters(model)
+    model.save_pretrained(tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not mixers(merged)  # plain transformers, its own mixers
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapter_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_mamba_variants_not_served_yet_are_refused_by_name(tmp_path):
+    config = AutoConfig.for_model("falcon_mamba", vocab_size=VOCAB, hidden_size=16,
+                                  num_hidden_layers=1, state_size=4)
+    with pytest.raises(UserError, match="FalconMamba .* does not serve yet; it serves .*Bamba"):
+        load_model(config.to_dict(), need_tokenizer=False, allow_transformers=True)
