@@ -69,9 +69,16 @@ def _model_type(model: nn.Module) -> str:
 
 
 def _recorded_source(base_model: str) -> str:
-    # Record local paths absolutely so `mamba-ft merge` works from any directory.
-    path = Path(base_model).expanduser()
-    return str(path.resolve()) if not base_model.startswith("bundled:") and path.exists() else base_model
+    # Record local paths absolutely so `mamba-ft merge` works from any directory. A source that
+    # cannot be a path (a config mapping written out, longer than a file name may be) is kept
+    # as given.
+    if base_model.startswith("bundled:"):
+        return base_model
+    try:
+        path = Path(base_model).expanduser()
+        return str(path.resolve()) if path.exists() else base_model
+    except OSError:
+        return base_model
 
 
 def _peft_config_dict(model: nn.Module, base_model: str) -> dict:

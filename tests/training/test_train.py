@@ -517,3 +517,26 @@ def test_cli_version_help_and_debug_after_the_subcommand(capsys):
     with pytest.raises(UserError):  # --debug after the subcommand: the error is raised, not printed
         main(["info", "/nonexistent/model", "--debug"])
     assert main(["info", "/nonexistent/model"]) == 2
+
+
+TINY_NEMOTRON_H = {"model_type": "nemotron_h", "vocab_size": 272, "hidden_size": 16,
+                   "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 32,
+                   "layers_block_type": ["mamba", "attention", "mamba"], "num_hidden_layers": 3,
+                   "mamba_num_heads": 4, "mamba_head_dim": 8, "n_groups": 1, "ssm_state_size": 4,
+                   "conv_kernel": 4, "expand": 2, "chunk_size": 8}
+
+
+def test_hybrid_recipe_trains_its_mamba_adapters_and_refuses_packing(tmp_path):
+    """A hybrid (Nemotron-H) through the same recipe: adapters on its Mamba layers train and the
+    loss falls; packing is refused, since its attention layers would attend across documents."""
+    d = recipe_dict(tmp_path / "hybrid", max_steps=6)
+    d["model"]["source"] = dict(TINY_NEMOTRON_H)
+    d["model"]["kind"] = "mamba"
+    d["adapter"] = {"targets": ["all", "embeddings", "lm_head"], "rank": 4}
+    result = train_mod.train(validate_recipe(d))
+    assert result.final_eval_loss < result.initial_eval_loss
+    d["data"]["packing"] = True
+    d["run"]["output_dir"] = str(tmp_path / "hybrid-packed")
+    with pytest.raises(UserError, match="packing is not supported for hybrid models yet"):
+        train_mod.train(validate_recipe(d))
+    assert not (tmp_path / "hybrid-packed" / "adapter").exists()
