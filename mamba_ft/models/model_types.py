@@ -56,6 +56,11 @@ MODEL_TYPES: dict[str, MambaModelType] = {t.model_type: t for t in (
                    causal_lm_class=_T + "mamba2.modeling_mamba2:Mamba2ForCausalLM",
                    norm_classes=(_T + "mamba2.modeling_mamba2:Mamba2RMSNorm",),
                    example_checkpoint="state-spaces/mamba2-130m"),
+    MambaModelType("falcon_mamba", "FalconMamba",
+                   _T + "falcon_mamba.modeling_falcon_mamba:FalconMambaMixer", MambaFTMixer,
+                   causal_lm_class=_T + "falcon_mamba.modeling_falcon_mamba:FalconMambaForCausalLM",
+                   norm_classes=(_T + "falcon_mamba.modeling_falcon_mamba:FalconMambaRMSNorm",),
+                   example_checkpoint="tiiuae/falcon-mamba-7b"),
     MambaModelType("bamba", "Bamba", _T + "bamba.modeling_bamba:BambaMixer", MambaFTMamba2Mixer,
                    hybrid=True, example_checkpoint="ibm-ai-platform/Bamba-9B-v2"),
     MambaModelType("nemotron_h", "Nemotron-H",
@@ -73,7 +78,6 @@ MODEL_TYPES: dict[str, MambaModelType] = {t.model_type: t for t in (
 # Model types with Mamba mixers that mamba-ft does not serve yet: a clear refusal, not a
 # Transformer load that would leave transformers' mixers (and their raw-weight fused paths) in.
 NOT_YET = {
-    "falcon_mamba": "FalconMamba (Mamba-1 with RMS norms on B, C and dt)",
     "jamba": "Jamba (Mamba-1 layers beside attention and MoE)",
     "zamba": "Zamba (Mamba-1 layers beside a shared attention block)",
     "falcon_h1": "Falcon-H1 (Mamba-2 layers with muP multipliers beside attention)",

@@ -61,6 +61,12 @@ def _mask_padding(x: torch.Tensor, attention_mask: torch.Tensor | None, time_dim
     return (x * mask).to(x.dtype)
 
 
+def _weightless_rms(t: torch.Tensor, dim: int, eps: float) -> torch.Tensor:
+    """t / rms(t) along `dim`, in fp32, back in t's dtype (FalconMamba's B, C and dt norms)."""
+    t32 = t.float()
+    return (t32 * torch.rsqrt(t32.pow(2).mean(dim, keepdim=True) + eps)).to(t.dtype)
+
+
 class MambaFTMixer(nn.Module):
     """Drop-in for transformers' `MambaMixer` (same parameters, same forward signature)."""
 
@@ -93,6 +99,9 @@ class MambaFTMixer(nn.Module):
         # Set by `mamba_ft.models.set_recompute_ssm`: trade one more forward of the SSM
         # branch in the backward for not storing its activations.
         self.recompute_ssm = False
+        # FalconMamba normalises dt, B and C (RMS over each position's R, N, N values, no
+        # weight) before the scan; its mixer carries the epsilon, plain Mamba's does not.
+        self.bcdt_rms_eps: float | None = getattr(hf_mixer, "rms_eps", None)
 
     def raw_weights(self) -> MixerWeights:
         # A bitsandbytes-quantised projection's .weight is packed bytes, never a matrix to read:
@@ -171,6 +180,8 @@ class MambaFTMixer(nn.Module):
         # the layout the scan reads. dt_proj's bias is added inside the scan, in fp32, with
         # the softplus.
         dt, B, C = torch.split(channels_first(x, w.x_proj_weight), [R, N, N], dim=1)
+        if self.bcdt_rms_eps is not None:
+            dt, B, C = (_weightless_rms(t, 1, self.bcdt_rms_eps) for t in (dt, B, C))
         delta = channels_first(dt, w.dt_proj_weight)
         result = ops.selective_scan(
             x, delta, A, B, C,
@@ -189,6 +200,8 @@ class MambaFTMixer(nn.Module):
         cache_params.update_conv_state(x.unsqueeze(-1), self.layer_idx)
         x, _ = ops.causal_conv1d_step(x, conv_state, w.conv_weight, w.conv_bias)
         dt, B, C = torch.split(F.linear(x, w.x_proj_weight), [R, N, N], dim=-1)
+        if self.bcdt_rms_eps is not None:
+            dt, B, C = (_weightless_rms(t, -1, self.bcdt_rms_eps) for t in (dt, B, C))
         delta = F.linear(dt, w.dt_proj_weight)
         y, new_state = ops.selective_state_step(
             ssm_state, x, delta, A, B, C, D=w.D.float(), z=z, delta_bias=w.dt_bias.float(),

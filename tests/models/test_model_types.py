@@ -1,5 +1,6 @@
-"""The hybrid model types with Mamba-2 layers (Bamba, Nemotron-H, Granite-4.0-H, Zamba2), each
-built tiny by plain transformers (no downloads).
+"""The model types beyond plain Mamba and Mamba-2: FalconMamba (Mamba-1 with B/C/dt norms) and
+the hybrids with Mamba-2 layers (Bamba, Nemotron-H, Granite-4.0-H, Zamba2), each built tiny by
+plain transformers (no downloads).
 
 Reference: the same weights in plain transformers (its own mixers on their PyTorch path). fp32
 logits within 1e-5 (the two SSD implementations sum in different orders) and identical greedy
@@ -14,12 +15,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from mamba_ft.adapters.families import family_of_model
 from mamba_ft.adapters import (AdapterConfig, adapter_parameters, attach_adapters,
                                check_adapter_gradients, merge_adapters)
 from mamba_ft.errors import UserError
 from mamba_ft.models import load_model, mixers
 from mamba_ft.models.model_types import MODEL_TYPES
-from mamba_ft.modules import MambaFTMamba2Mixer
 
 # Touches transformers internals (each type's mixer class and cache): rerun on the lowest versions.
 pytestmark = pytest.mark.seam
@@ -40,17 +41,20 @@ CONFIGS = {
                              mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8,
                              mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=8,
                              num_local_experts=0),
+    "falcon_mamba": dict(num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4,
+                         mixer_rms_eps=1e-6),
     "zamba2": dict(num_hidden_layers=4, layers_block_type=["mamba", "hybrid", "mamba", "mamba"],
                    n_mamba_heads=8, mamba_headdim=8, mamba_ngroups=2, mamba_d_state=8,
                    mamba_d_conv=4, mamba_expand=2, chunk_size=8, attention_head_dim=8,
                    num_mem_blocks=1, use_shared_attention_adapter=False, use_mem_rope=False),
 }
-HYBRIDS = sorted(CONFIGS)
+TYPES = sorted(CONFIGS)
+HYBRIDS = sorted(t for t in CONFIGS if MODEL_TYPES[t].hybrid)
 
 
 def plain(model_type: str, seed: int = 0):
-    """transformers' own model, random init, with D and the gated norm moved off their 1.0
-    start so a wrong D or norm path shows."""
+    """transformers' own model, random init, with D (and Mamba-2's gated norm and dt bias) moved
+    off their start values so a wrong path through them shows."""
     torch.manual_seed(seed)
     config = AutoConfig.for_model(model_type, **_COMMON, **CONFIGS[model_type])
     model = AutoModelForCausalLM.from_config(config).float().eval()
@@ -59,8 +63,9 @@ def plain(model_type: str, seed: int = 0):
         for module in model.modules():
             if isinstance(module, mixer_class):
                 module.D.normal_()
-                module.norm.weight.normal_(1.0, 0.2)
-                module.dt_bias.normal_(0.0, 0.5)
+                if hasattr(module, "dt_bias"):  # the Mamba-2 mixers
+                    module.norm.weight.normal_(1.0, 0.2)
+                    module.dt_bias.normal_(0.0, 0.5)
     return model
 
 
@@ -74,8 +79,8 @@ def test_every_hybrid_in_this_file_is_a_registered_type():
     assert {t for t, e in MODEL_TYPES.items() if e.hybrid} == set(HYBRIDS)
 
 
-@pytest.mark.parametrize("model_type", HYBRIDS)
-def test_hybrid_loads_with_mamba_ft_mixers_and_equals_plain_transformers(model_type, tmp_path, ids):
+@pytest.mark.parametrize("model_type", TYPES)
+def test_type_loads_with_mamba_ft_mixers_and_equals_plain_transformers(model_type, tmp_path, ids):
     reference = plain(model_type)
     n_mamba = sum(isinstance(m, MODEL_TYPES[model_type].transformers_mixer())
                   for m in reference.modules())
@@ -84,7 +89,8 @@ def test_hybrid_loads_with_mamba_ft_mixers_and_equals_plain_transformers(model_t
     model = loaded.model.eval()
     assert loaded.is_mamba and type(model) is type(reference)
     found = mixers(model)
-    assert len(found) == n_mamba >= 2 and all(type(m) is MambaFTMamba2Mixer for m in found)
+    assert len(found) == n_mamba >= 2
+    assert all(type(m) is MODEL_TYPES[model_type].replacement for m in found)
     # Every other layer is transformers' own, and every parameter keeps its name.
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in reference.named_parameters()]
     mask = torch.ones_like(ids)
@@ -99,15 +105,16 @@ def test_hybrid_loads_with_mamba_ft_mixers_and_equals_plain_transformers(model_t
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("model_type", HYBRIDS)
-def test_hybrid_adapters_train_every_mamba_buffer_and_merge_to_plain_transformers(model_type,
-                                                                                  tmp_path, ids):
+@pytest.mark.parametrize("model_type", TYPES)
+def test_adapters_train_every_mamba_buffer_and_merge_to_plain_transformers(model_type, tmp_path,
+                                                                           ids):
     reference = plain(model_type, seed=1)
     reference.save_pretrained(tmp_path / "base")
     model = load_model(tmp_path / "base", need_tokenizer=False).model
     report = attach_adapters(model, AdapterConfig(targets=["all", "embeddings", "lm_head"], rank=3))
-    # The report says which layer kinds hold no adapters.
-    assert any("hybrid model" in note and "not adapted" in note for note in report.notes)
+    # A hybrid's report says which layer kinds hold no adapters.
+    assert any("hybrid model" in note and "not adapted" in note
+               for note in report.notes) == MODEL_TYPES[model_type].hybrid
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _, p in sorted(adapter_parameters(model).items()):
@@ -117,7 +124,7 @@ def test_hybrid_adapters_train_every_mamba_buffer_and_merge_to_plain_transformer
     zero = [n for n, p in adapter_parameters(model).items() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not zero, zero
     in_every_mixer = {r.target for r in report.rows if r.modules == len(mixers(model))}
-    assert {"in_proj", "conv1d", "out_proj", "norm", "A_log", "D", "dt_bias"} <= in_every_mixer
+    assert set(family_of_model(mixers(model)).targets.aliases["all"]) <= in_every_mixer
     model.eval()
     with torch.no_grad():
         adapter_logits = model(ids).logits
@@ -130,7 +137,8 @@ def test_hybrid_adapters_train_every_mamba_buffer_and_merge_to_plain_transformer
 
 
 def test_mamba_variants_not_served_yet_are_refused_by_name(tmp_path):
-    config = AutoConfig.for_model("falcon_mamba", vocab_size=VOCAB, hidden_size=16,
-                                  num_hidden_layers=1, state_size=4)
-    with pytest.raises(UserError, match="FalconMamba .* does not serve yet; it serves .*Bamba"):
+    config = AutoConfig.for_model("jamba", vocab_size=VOCAB, hidden_size=16,
+                                  num_hidden_layers=1, num_attention_heads=2,
+                                  num_key_value_heads=1, intermediate_size=32)
+    with pytest.raises(UserError, match="Jamba .* does not serve yet; it serves .*Bamba"):
         load_model(config.to_dict(), need_tokenizer=False, allow_transformers=True)
