@@ -137,6 +137,11 @@ class LoggingSection(Section):
 # The ICL sweep's defaults; evaluation reads them from here.
 DEFAULT_SHOTS = (0, 1, 3, 5)
 DEFAULT_SEEDS = (1234, 1235, 1236)
+# lm-eval's bootstrap_iters for the scores' standard errors. acc and acc_norm get lm-eval's
+# closed-form error whenever this is > 0; only bootstrapped metrics (perplexity, ...) resample,
+# and 1,000 resamples estimate an error to about 2% (1/sqrt(2·1000)) where lm-eval's own
+# 100,000 can take minutes per call on a large task.
+DEFAULT_BOOTSTRAP_ITERS = 1000
 
 
 class IclSweepConfig(BaseModel):
@@ -157,6 +162,8 @@ class IclSweepConfig(BaseModel):
     compare_base: bool = True
     baselines: dict[str, str] = {}
     batch_size: int = Field(8, gt=0)
+    # lm-eval's standard errors per score, and with them intervals on gains and ratios; 0: off
+    bootstrap_iters: int = Field(DEFAULT_BOOTSTRAP_ITERS, ge=0, strict=True)
 
 
 class IclRulesEval(Section):

@@ -26,25 +26,34 @@ def _family(result: SweepResult, label: str) -> str:
 
 
 def summary_table(result: SweepResult) -> str:
-    """Per model: family, ICL gain (points, mean ± std over seeds), ratio to the baseline."""
-    lines = ["| model | family | ICL gain (points) | ratio to baseline |", "|---|---|---|---|"]
+    """Per model: family, ICL gain (points, mean ± std over seeds) and its 95% interval, ratio
+    to the baseline and its 95% interval ("unbounded" where the baseline's gain interval holds 0)."""
+    lines = ["| model | family | ICL gain (points) | gain 95% interval | ratio to baseline | ratio 95% interval |",
+             "|---|---|---|---|---|---|"]
     for label, gain in result.gains.items():
+        ratio_ci = "–"
         if label == result.baseline:
-            ratio = "baseline"
+            ratio = ratio_ci = "baseline"
         elif label in result.ratios:
             r = result.ratios[label]
             ratio = f"{_pct(r['ratio'])}%" if r["ratio"] is not None else "n/a (baseline gain is 0)"
             if len(result.seeds) > 1 and r["min"] is not None:
                 ratio += f" (seeds: {_pct(r['min'])}–{_pct(r['max'])}%)"
+            if r["ci"] is not None:
+                ratio_ci = f"[{_pct(r['ci'][0])}%, {_pct(r['ci'][1])}%]"
+            elif r["ci_unbounded"]:
+                ratio_ci = "unbounded"
         else:
             ratio = "–"
+        gain_ci = "–" if gain["ci"] is None else f"[{100 * gain['ci'][0]:+.1f}, {100 * gain['ci'][1]:+.1f}]"
         lines.append(f"| {label} | {_family(result, label)} | {100 * gain['mean']:+.1f} ± "
-                     f"{100 * gain['std']:.1f} | {ratio} |")
+                     f"{100 * gain['std']:.1f} | {gain_ci} | {ratio} | {ratio_ci} |")
     return "\n".join(lines) + "\n"
 
 
 def task_table(result: SweepResult) -> str:
-    """Score (%) per task, model and shot count: mean ± std over few-shot seeds."""
+    """Score (%) per task, model and shot count: mean ± std over few-shot seeds, and the
+    mean's standard error over documents [se ...] where lm-eval gave one."""
     header = "| task (metric) | model | " + " | ".join(f"{k}-shot" for k in result.shots) + " |"
     lines = [header, "|---|---|" + "---|" * len(result.shots)]
     for task, metric in result.tasks.items():
@@ -52,7 +61,9 @@ def task_table(result: SweepResult) -> str:
             cells = []
             for k in result.shots:
                 mean, std = result.accuracy(label, task, k)
-                cells.append(f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if k and len(result.seeds) > 1 else ""))
+                se = result.accuracy_se(label, task, k)
+                cells.append(f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if k and len(result.seeds) > 1 else "")
+                             + (f" [se {100 * se:.1f}]" if se is not None else ""))
             lines.append(f"| {task} ({metric}) | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -72,11 +83,27 @@ def markdown_report(result: SweepResult) -> str:
         "percentage points, computed per few-shot seed; ± is the standard deviation over seeds. "
         + (f"Ratio = gain(model) / gain({result.baseline}) from the seed-mean gains; the range is "
            f"that of the per-seed ratios.\n" if result.baseline else "No baseline, so no ratio.\n"),
+        _interval_note(result),
         "## Score by task and shots (%)\n",
         task_table(result),
         "![accuracy against shots](accuracy_vs_shots.png)\n\n![ICL gain](icl_gain.png)\n",
     ]
     return "\n".join(parts)
+
+
+def _interval_note(result: SweepResult) -> str:
+    if result.bootstrap_iters:
+        sources = (f"lm-eval's standard errors of the scores (bootstrap_iters {result.bootstrap_iters}; "
+                   f"the [se ...] below)")
+        if len(result.seeds) > 1:
+            sources += " and the spread over few-shot seeds"
+    elif len(result.seeds) > 1:
+        sources = "the spread over few-shot seeds only (lm-eval's standard errors were off: bootstrap_iters 0)"
+    else:
+        return "No intervals: lm-eval's standard errors were off (bootstrap_iters 0) and there is one seed.\n"
+    return (f"95% intervals (normal approximation) hold {sources}; the ratio's is Fieller's, "
+            f"unbounded when the baseline's gain interval contains 0. Scores are taken as "
+            f"independent (docs/icl.md, \"Intervals\").\n")
 
 
 def plot_accuracy_vs_shots(result: SweepResult, path: Path) -> None:
@@ -129,10 +156,13 @@ def plot_gains(result: SweepResult, path: Path) -> None:
 
     labels = list(result.gains)
     means = [100 * result.gains[label]["mean"] for label in labels]
-    stds = [100 * result.gains[label]["std"] for label in labels]
+    # Bars: the 95% interval where there is one (every model has one or none), else the std over seeds.
+    with_ci = all(result.gains[label]["ci"] is not None for label in labels)
+    errors = [100 * (result.gains[label]["ci"][1] - result.gains[label]["mean"] if with_ci
+                     else result.gains[label]["std"]) for label in labels]
     colors = ["tab:green" if result.models[label]["is_mamba"] else "tab:blue" for label in labels]
     fig, ax = plt.subplots(figsize=(max(3.6, 1.2 + 1.3 * len(labels)), 3.0))
-    bars = ax.bar(labels, means, yerr=stds, capsize=4, color=colors)
+    bars = ax.bar(labels, means, yerr=errors, capsize=4, color=colors)
     for bar, label in zip(bars, labels):
         ratio = result.ratios.get(label, {}).get("ratio")
         if ratio is not None:
@@ -140,7 +170,8 @@ def plot_gains(result: SweepResult, path: Path) -> None:
                         xytext=(0, 3), textcoords="offset points", ha="center", fontsize=7)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_ylabel("ICL gain (points)")
-    ax.set_title("few-shot gain over 0 shots\n(green: Mamba, blue: Transformer)", fontsize=9)
+    bars_are = "95% interval" if with_ci else "std over seeds"
+    ax.set_title(f"few-shot gain over 0 shots, bars: {bars_are}\n(green: Mamba, blue: Transformer)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

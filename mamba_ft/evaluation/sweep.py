@@ -14,12 +14,17 @@ standard deviation over seeds. The ratio of a model to the baseline (by default 
 Transformer) is gain(model) / gain(baseline) from the seed-mean gains, with the range of the
 per-seed ratios beside it. Halloran et al. report this ratio for Mamba against Transformers of
 the same size: 38% pretrained, up to 81.5% after fine-tuning.
+
+With `bootstrap_iters` > 0 lm-eval also returns each score's standard error over documents;
+gains and ratios then get 95% intervals that hold both those and the spread over seeds
+(`intervals.py`).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import math
 import statistics
 import sys
 import time
@@ -29,8 +34,9 @@ from typing import Any
 
 from mamba_ft.errors import UserError
 from mamba_ft.precision import PrecisionPolicy
+from mamba_ft.evaluation.intervals import fieller_interval, linear_se, normal_interval
 from mamba_ft.evaluation.result import SweepResult, sample_std
-from mamba_ft.recipe import DEFAULT_SEEDS, DEFAULT_SHOTS, IclSweepConfig
+from mamba_ft.recipe import DEFAULT_BOOTSTRAP_ITERS, DEFAULT_SEEDS, DEFAULT_SHOTS, IclSweepConfig
 
 OUTPUT_FILES = ("results.json", "results.md", "accuracy_vs_shots.png", "icl_gain.png")
 
@@ -61,6 +67,7 @@ def run_icl_sweep(
     *,
     baseline: str | None = None,
     batch_size: int | str = 8,
+    bootstrap_iters: int = DEFAULT_BOOTSTRAP_ITERS,
     device: str | None = None,
     dtype: str = "float32",
     autocast: str | None = None,
@@ -75,7 +82,8 @@ def run_icl_sweep(
     training/eval mode they had. `dtype`: the dtype weights are loaded in; `autocast`
     ("bfloat16", "float16"): run the forwards under autocast, weights staying in `dtype`.
     `online=False` keeps the Hugging Face Hub off for datasets and models; `local_data` maps a
-    task to a directory of its split files.
+    task to a directory of its split files. `bootstrap_iters`: lm-eval's, for the scores'
+    standard errors (0: none, and intervals from the spread over seeds alone).
     """
     try:
         import lm_eval  # noqa: F401
@@ -84,6 +92,9 @@ def run_icl_sweep(
     from mamba_ft.evaluation.tasks import load_tasks, offline_hub, parse_task_list, resolve_tasks, task_manager
 
     shots, seeds = _check_shots_seeds(shots, seeds)
+    if isinstance(bootstrap_iters, bool) or not isinstance(bootstrap_iters, int) or bootstrap_iters < 0:
+        raise UserError(f"bootstrap_iters {bootstrap_iters!r} must be a whole number >= 0 (0 turns "
+                        f"lm-eval's standard errors off; default {DEFAULT_BOOTSTRAP_ITERS}).")
     _check_device(device)
     models = _check_models(models, baseline)
     out = _check_out_dir(out_dir, overwrite)
@@ -98,13 +109,14 @@ def run_icl_sweep(
         infos: dict[str, dict] = {}
         for spec in models:
             infos[spec.label] = _evaluate_model(spec, loaded_tasks, manager, shots, seeds, limit,
+                                                bootstrap_iters,
                                                 dict(batch_size=batch_size, device=device, dtype=dtype,
                                                      mixed_precision_dtype=autocast),
                                                 scores, log)
     if baseline is None:  # the first Transformer, now that we know which models are Mamba
         baseline = next((label for label, info in infos.items() if not info["is_mamba"]), None)
     result = SweepResult(models=infos, tasks=task_metrics, shots=shots, seeds=seeds, limit=limit,
-                         baseline=baseline, scores=scores)
+                         baseline=baseline, scores=scores, bootstrap_iters=bootstrap_iters)
     _add_gains(result)
     if out is not None:
         from mamba_ft.evaluation.report import write_report
@@ -198,8 +210,8 @@ class _quiet_lm_eval:
         self.logger.setLevel(self.level)
 
 
-def _evaluate_model(spec: ModelSpec, loaded_tasks, manager, shots, seeds, limit, lm_options: dict,
-                    scores: list[dict], log) -> dict:
+def _evaluate_model(spec: ModelSpec, loaded_tasks, manager, shots, seeds, limit, bootstrap_iters: int,
+                    lm_options: dict, scores: list[dict], log) -> dict:
     import torch
     from lm_eval.evaluator import evaluate
 
@@ -223,14 +235,15 @@ def _evaluate_model(spec: ModelSpec, loaded_tasks, manager, shots, seeds, limit,
                     task.set_config(key="num_fewshot", value=k)
                     task.set_fewshot_seed(seed=seed)
                 output = evaluate(lm=lm, task_dict=manager.load(task_objects), limit=limit,
-                                  log_samples=False, bootstrap_iters=0)
+                                  log_samples=False, bootstrap_iters=bootstrap_iters)
                 for task, (_, metric) in loaded_tasks.items():
                     values = output["results"][task]
                     for name in dict.fromkeys((metric, "acc", "acc_norm")):
                         if f"{name},none" in values:
                             scores.append({"model": spec.label, "task": task, "shots": k,
                                            "seed": seed if k else None, "metric": name,
-                                           "value": float(values[f"{name},none"])})
+                                           "value": float(values[f"{name},none"]),
+                                           "stderr": _stderr(values.get(f"{name}_stderr,none"))})
                 log(f"  {spec.label}: {k}-shot" + (f", seed {seed}" if k else "")
                     + f" done in {time.perf_counter() - start:.1f}s")
     finally:
@@ -243,6 +256,11 @@ def _evaluate_model(spec: ModelSpec, loaded_tasks, manager, shots, seeds, limit,
     return info
 
 
+def _stderr(value) -> float | None:
+    # lm-eval writes "N/A" where it computed no standard error (bootstrap_iters 0, one document).
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 def _add_gains(result: SweepResult) -> None:
     positive = [k for k in result.shots if k > 0]
     for label in result.models:
@@ -252,7 +270,15 @@ def _add_gains(result: SweepResult) -> None:
                      for task in result.tasks for k in positive]
             per_seed[seed] = statistics.fmean(diffs)
         values = list(per_seed.values())
-        result.gains[label] = {"mean": statistics.fmean(values), "std": sample_std(values), "per_seed": per_seed}
+        mean, std = statistics.fmean(values), sample_std(values)
+        se_scores = _gain_se_scores(result, label, positive)
+        # The seed-mean's standard error over few-shot draws; one seed cannot show that spread.
+        se_seeds = std / math.sqrt(len(values)) if len(values) > 1 else None
+        known = [se for se in (se_scores, se_seeds) if se is not None]
+        se = math.sqrt(sum(x * x for x in known)) if known else None
+        result.gains[label] = {"mean": mean, "std": std, "per_seed": per_seed, "se_scores": se_scores,
+                               "se_seeds": se_seeds, "se": se,
+                               "ci": list(normal_interval(mean, se)) if se is not None else None}
     if result.baseline is None:
         return
     base = result.gains[result.baseline]
@@ -262,12 +288,32 @@ def _add_gains(result: SweepResult) -> None:
         per_seed = {seed: (gain["per_seed"][seed] / base["per_seed"][seed]) if base["per_seed"][seed] else None
                     for seed in result.seeds}
         finite = [r for r in per_seed.values() if r is not None]
+        ci = None
+        if gain["se"] is not None and base["se"] is not None:
+            ci = fieller_interval(gain["mean"], gain["se"], base["mean"], base["se"])
         result.ratios[label] = {
             "ratio": gain["mean"] / base["mean"] if base["mean"] else None,
             "per_seed": per_seed,
             "min": min(finite) if finite else None,
             "max": max(finite) if finite else None,
+            "ci": list(ci) if ci is not None else None,
+            "ci_unbounded": ci is None and gain["se"] is not None and base["se"] is not None,
         }
+
+
+def _gain_se_scores(result: SweepResult, label: str, positive: list[int]) -> float | None:
+    """The seed-mean gain's standard error from the scores' own (None unless all were recorded).
+
+    The gain is Σ_{t,k,s} A(t,k,s) / (T·K·S) − Σ_t A(t,0) / T over T tasks, K shot counts > 0
+    and S seeds, the 0-shot score shared by every k and seed.
+    """
+    weight = 1 / (len(result.tasks) * len(positive) * len(result.seeds))
+    terms = [(weight, result.stderr(label, task, k, seed))
+             for task in result.tasks for k in positive for seed in result.seeds]
+    terms += [(-1 / len(result.tasks), result.stderr(label, task, 0, None)) for task in result.tasks]
+    if any(se is None for _, se in terms):
+        return None
+    return linear_se(terms)
 
 
 def run_after_training(config: IclSweepConfig, model, tokenizer, base_source: str | None,
@@ -284,7 +330,8 @@ def run_after_training(config: IclSweepConfig, model, tokenizer, base_source: st
     baseline = next(iter(config.baselines), "base" if len(models) > 1 else None)
     result = run_icl_sweep(models, tasks=config.tasks, shots=config.shots, seeds=config.seeds,
                            limit=config.limit, out_dir=out_dir, baseline=baseline,
-                           batch_size=config.batch_size, overwrite=True, log=log,
+                           batch_size=config.batch_size, bootstrap_iters=config.bootstrap_iters,
+                           overwrite=True, log=log,
                            **(precision or PrecisionPolicy()).evaluation_settings())
     gain = result.gains["fine-tuned"]
     line = f"ICL gain of the fine-tuned model: {100 * gain['mean']:+.1f} ± {100 * gain['std']:.1f} points"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -157,6 +158,37 @@ def test_fine_tuned_against_base_and_in_memory_model(tiny_mamba_dir, tmp_path):
         assert result.ratios[label]["ratio"] == pytest.approx(expected)
 
 
+def test_sweep_passes_bootstrap_iters_to_lm_eval_and_records_standard_errors(tiny_mamba_dir, monkeypatch):
+    import lm_eval.evaluator
+
+    seen = []
+    real_evaluate = lm_eval.evaluator.evaluate
+
+    def spy(*args, **kwargs):  # the sweep imports `evaluate` when it runs, so it gets this one
+        seen.append(kwargs["bootstrap_iters"])
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval.evaluator, "evaluate", spy)
+    n = 8
+    result = run_icl_sweep([ModelSpec("m", str(tiny_mamba_dir))], tasks=["icl_reverse"], shots=(0, 1),
+                           seeds=(5, 6), limit=n, log=lambda line: None)
+    assert seen == [1000] * 3 and result.bootstrap_iters == 1000  # the default; 0 shots runs once
+    for row in result.scores:
+        # acc over n documents is a mean of 0/1 values; its standard error with the n − 1
+        # sample variance is sqrt(p(1 − p)/(n − 1)).
+        p = row["value"]
+        assert row["stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1))), row
+    gain = result.gains["m"]
+    assert gain["se_scores"] is not None and gain["se_seeds"] is not None and gain["ci"] is not None
+
+    seen.clear()
+    result = run_icl_sweep([ModelSpec("m", str(tiny_mamba_dir))], tasks=["icl_reverse"], shots=(0, 1),
+                           seeds=(5,), limit=4, bootstrap_iters=0, log=lambda line: None)
+    assert seen == [0, 0]
+    assert all(row["stderr"] is None for row in result.scores)
+    assert result.gains["m"]["ci"] is None  # no standard errors and one seed: nothing to go on
+
+
 def test_training_run_hook_compares_fine_tuned_with_base(tiny_mamba_dir, tmp_path):
     from mamba_ft.evaluation import IclSweepConfig, run_after_training
     from mamba_ft.models import load_model
@@ -165,10 +197,11 @@ def test_training_run_hook_compares_fine_tuned_with_base(tiny_mamba_dir, tmp_pat
     with torch.no_grad():
         loaded.model.backbone.embeddings.weight.mul_(0.5)  # make it differ from its base
     lines = []
-    config = IclSweepConfig(tasks=["icl_last_letter"], shots=[0, 1], seeds=[3], limit=5)
+    config = IclSweepConfig(tasks=["icl_last_letter"], shots=[0, 1], seeds=[3], limit=5, bootstrap_iters=7)
     result = run_after_training(config, loaded.model, loaded.tokenizer, str(tiny_mamba_dir),
                                 tmp_path / "icl", log=lines.append)
     assert set(result.models) == {"fine-tuned", "base"} and result.baseline == "base"
+    assert result.bootstrap_iters == 7 and all(row["stderr"] is not None for row in result.scores)
     assert (tmp_path / "icl" / "results.json").exists()
     expected = result.gains["fine-tuned"]["mean"] / result.gains["base"]["mean"]
     assert result.ratios["fine-tuned"]["ratio"] == pytest.approx(expected)
