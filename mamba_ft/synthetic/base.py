@@ -23,10 +23,20 @@ class Example:
     prompt: tuple[str, ...]
     answer: tuple[str, ...]
     supervised: tuple[bool, ...]  # one flag per answer token
+    # What each answer position must be predicted as, where that is not the token the input
+    # holds there (Zoology's MQAR: the input has a filler where the value is the target). An
+    # example with targets must never hold an answer in its input: its input is then fixed,
+    # and greedy decoding reads it teacher-forced. None: the answer tokens themselves.
+    targets: tuple[str, ...] | None = None
 
     @property
     def tokens(self) -> tuple[str, ...]:
         return self.prompt + self.answer
+
+    @property
+    def expected(self) -> tuple[str, ...]:
+        """The reference prediction at every answer position (labels, scoring)."""
+        return self.answer if self.targets is None else self.targets
 
     @property
     def contiguous_answer(self) -> bool:

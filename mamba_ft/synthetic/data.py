@@ -55,7 +55,7 @@ def encode_example(task: Task, example: Example) -> dict[str, list[int]]:
     input_ids = vocab.encode(example.tokens)
     labels = [IGNORE_INDEX] * len(example.prompt) + [
         token if supervised else IGNORE_INDEX
-        for token, supervised in zip(vocab.encode(example.answer), example.supervised)
+        for token, supervised in zip(vocab.encode(example.expected), example.supervised)
     ]
     return {"input_ids": input_ids, "labels": labels}
 

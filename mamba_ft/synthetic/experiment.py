@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from mamba_ft.errors import UserError
 from mamba_ft.synthetic.tasks import task_names
 
@@ -72,7 +74,11 @@ def _previous_results(directory: Path, spec, overwrite: bool, resume: bool) -> d
         raise UserError(f"{path} already exists; choose another --out, pass --resume to continue "
                         f"that run, or --overwrite to replace it.")
     previous = json.loads(path.read_text())
-    if previous.get("spec") != spec.model_dump(mode="json"):
+    try:  # validated again, so a key added since (with its default) does not count as a change
+        earlier = type(spec).model_validate(previous.get("spec", {})).model_dump(mode="json")
+    except ValidationError:
+        earlier = None
+    if earlier != spec.model_dump(mode="json"):
         raise UserError(f"{path} holds a run of different settings; --resume continues only the "
                         f"same recipe and overrides (or pass --overwrite, or another --out).")
     return previous

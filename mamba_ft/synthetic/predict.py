@@ -7,7 +7,8 @@
   `generate`, with the KV cache or Mamba's recurrent cache). Examples are batched by prompt
   length, so no row is padded and no recurrent state ever reads a pad token. For recall, where
   given query keys sit between the answers, `closed_loop` feeds back the model's own values
-  and the given keys.
+  and the given keys. Where the input never holds an answer (examples with `targets`, Zoology's
+  MQAR) the model's outputs cannot change its input, so greedy decoding is teacher forcing.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _device(model) -> torch.device:
 def teacher_forced(model, vocab: Vocab, examples: list[Example], batch_size: int = 64) -> list[tuple[str, ...]]:
     device = _device(model)
     out: list[tuple[str, ...]] = [()] * len(examples)
-    for idx in _batches_by_length(examples, batch_size):
+    for idx in _batches_by_length(examples, batch_size, by_mask=False):
         # Same prompt+answer length within a batch: no padding at all.
         ids = torch.tensor([vocab.encode(examples[i].tokens) for i in idx], device=device)
         argmax = model(input_ids=ids).logits.argmax(-1).cpu()
@@ -42,12 +43,12 @@ def teacher_forced(model, vocab: Vocab, examples: list[Example], batch_size: int
 @torch.no_grad()
 def greedy(model, vocab: Vocab, examples: list[Example], batch_size: int = 64) -> list[tuple[str, ...]]:
     out: list[tuple[str, ...]] = [()] * len(examples)
-    free = [i for i, e in enumerate(examples) if e.contiguous_answer]
-    interleaved = [i for i, e in enumerate(examples) if not e.contiguous_answer]
-    for i, pred in zip(free, _generate(model, vocab, [examples[i] for i in free], batch_size)):
-        out[i] = pred
-    for i, pred in zip(interleaved, closed_loop(model, vocab, [examples[i] for i in interleaved], batch_size)):
-        out[i] = pred
+    fixed_input = [i for i, e in enumerate(examples) if e.targets is not None]
+    free = [i for i, e in enumerate(examples) if e.targets is None and e.contiguous_answer]
+    interleaved = [i for i, e in enumerate(examples) if e.targets is None and not e.contiguous_answer]
+    for group, decode in ((fixed_input, teacher_forced), (free, _generate), (interleaved, closed_loop)):
+        for i, pred in zip(group, decode(model, vocab, [examples[i] for i in group], batch_size)):
+            out[i] = pred
     return out
 
 
@@ -98,11 +99,14 @@ def closed_loop(model, vocab: Vocab, examples: list[Example], batch_size: int = 
     return out
 
 
-def _batches_by_length(examples: list[Example], batch_size: int):
-    """Index batches whose examples share prompt length, answer length and supervision mask."""
+def _batches_by_length(examples: list[Example], batch_size: int, by_mask: bool = True):
+    """Index batches whose examples share prompt length, answer length and (`by_mask`, which
+    `closed_loop` needs) supervision mask. Without it, examples whose supervised positions
+    differ (Zoology's MQAR queries) still share a batch; for every other task the answer
+    length fixes the mask, so the batches are the same either way."""
     groups = defaultdict(list)
     for i, e in enumerate(examples):
-        groups[(len(e.prompt), e.supervised)].append(i)
+        groups[(len(e.prompt), e.supervised if by_mask else len(e.answer))].append(i)
     for idx in groups.values():
         for b in range(0, len(idx), batch_size):
             yield idx[b: b + batch_size]

@@ -1,12 +1,19 @@
 """Tables and plots from a synthetic run's results (the dict written to results.json).
 
+Test lengths inside the training range and outside it are always reported apart: a mean over
+lengths is taken within one range, never across both. A model trained with several seeds
+(`training.seeds`) is one cell: its runs are shown as the mean over seeds ± the half-width of
+a 95% Student-t interval (`stats.py`).
+
 - results.md:        per task variant, one table per metric: rows are models, columns test
-                     lengths (a * marks lengths inside the training range).
+                     lengths (a * marks lengths inside the training range); then the headline
+                     metric's mean within each range.
 - accuracy_vs_length.png: the task's headline metric (see `headline`) and teacher-forced token
-                     accuracy against test length, one line per model.
-- accuracy_vs_state.png:  the headline metric, averaged over the test lengths, against Mamba
-                     d_state, one line per width, the matched Transformer as a dashed level.
-- summary.md (several runs): the headline numbers of every run side by side.
+                     accuracy against test length, one line per model (error bars: seeds).
+- accuracy_vs_state.png:  the headline metric, averaged over the in-range and, below, the
+                     out-of-range test lengths, against Mamba d_state, one line per width, the
+                     matched Transformer as a dashed level.
+- summary.md (several runs): the headline numbers of every run side by side, per range.
 """
 
 from __future__ import annotations
@@ -14,12 +21,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from mamba_ft.synthetic.stats import seed_interval
+
 # (decoding, metric, title) in table order; answer accuracy only where it differs (CoT).
 _TABLES = [("greedy", "exact_match", "string exact match, greedy generation"),
            ("teacher_forced", "exact_match", "string exact match, teacher-forced"),
            ("greedy", "token_accuracy", "per-token accuracy, greedy generation"),
            ("teacher_forced", "token_accuracy", "per-token accuracy, teacher-forced"),
            ("greedy", "answer_accuracy", "final-answer accuracy, greedy generation (CoT scored by its result)")]
+RANGES = (("in range", True), ("out of range", False))
 
 
 def headline(results: dict) -> tuple[str, str, str]:
@@ -28,7 +38,7 @@ def headline(results: dict) -> tuple[str, str, str]:
     metric), the final answer for CoT/DP tasks (Feng et al.'s)."""
     task = results["spec"]["task"]
     decoding = "greedy" if "greedy" in results["spec"]["decoding"] else "teacher_forced"
-    if task == "mqar":
+    if task in ("mqar", "mqar_zoology"):
         return decoding, "token_accuracy", f"values recalled ({decoding})"
     if task in ("arithmetic", "lis"):
         return decoding, "answer_accuracy", f"final answer right ({decoding})"
@@ -39,18 +49,53 @@ def _variants(results: dict) -> list[str]:
     return list(dict.fromkeys(run["variant"] for run in results["runs"]))
 
 
+def cells(results: dict, variant: str) -> dict[str, list[dict]]:
+    """model -> its runs of `variant`, one per training seed, models in the order they ran."""
+    out: dict[str, list[dict]] = {}
+    for run in results["runs"]:
+        if run["variant"] == variant:
+            out.setdefault(run["model"], []).append(run)
+    return out
+
+
 def _metric(row: dict, decoding: str, metric: str) -> float | None:
-    return row.get(decoding, {}).get(metric)
+    value = row.get(decoding, {}).get(metric)
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-def _fmt(value) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+def in_training_range(results: dict, length: int) -> bool:
+    lo, hi = results["spec"]["train_lengths"]
+    return lo <= length <= hi
 
 
-def mean_metric(run: dict, decoding: str, metric: str) -> float | None:
-    values = [_metric(r, decoding, metric) for r in run["results"]]
-    values = [v for v in values if v is not None and not math.isnan(v)]
+def range_mean(results: dict, run: dict, decoding: str, metric: str, inside: bool) -> float | None:
+    """The run's mean over its test lengths inside (or outside) the training range."""
+    values = [_metric(row, decoding, metric) for row in run["results"]
+              if in_training_range(results, row["length"]) == inside]
+    values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
+
+
+def over_seeds(runs: list[dict], value) -> tuple[float, float | None] | None:
+    """(mean, 95% half-width or None) over a cell's seeds of `value(run)`; None if it has none."""
+    values = [v for v in map(value, runs) if v is not None]
+    return seed_interval(values) if values else None
+
+
+def _fmt_seeds(summary: tuple[float, float | None] | None, signed: bool = False) -> str:
+    if summary is None:
+        return "–"
+    mean, half = summary
+    text = f"{mean:+.2f}" if signed else f"{mean:.2f}"
+    return text if half is None else f"{text} ± {half:.2f}"
+
+
+def _seed_note(results: dict) -> str:
+    counts = {len(runs) for variant in _variants(results) for runs in cells(results, variant).values()}
+    if counts == {1}:
+        return ""
+    shown = "/".join(str(n) for n in sorted(counts))
+    return f"; mean over {shown} training seeds ± 95% t-interval"
 
 
 def results_markdown(results: dict) -> str:
@@ -63,50 +108,100 @@ def results_markdown(results: dict) -> str:
              f"(fewer where the task has fewer distinct prompts: see results.json).", ""]
     decodings = set(spec["decoding"])
     cot_like = spec["task"] in ("arithmetic", "lis")
+    note = _seed_note(results)
     for variant in _variants(results):
-        runs = [r for r in results["runs"] if r["variant"] == variant]
-        lengths = [row["length"] for row in runs[0]["results"]]
+        models = cells(results, variant)
+        lengths = [row["length"] for row in next(iter(models.values()))[0]["results"]]
         head = [f"{n}{'*' if lo <= n <= hi else ''}" for n in lengths]
         lines += [f"## {variant}", ""]
         for decoding, metric, title in _TABLES:
             if decoding not in decodings or (metric == "answer_accuracy" and not cot_like):
                 continue
-            lines += [f"{title} (* = inside the training range)", "",
+            lines += [f"{title} (* = inside the training range{note})", "",
                       "| model | params | d_state | train s | " + " | ".join(head) + " |",
                       "|---|---:|---:|---:|" + "---:|" * len(lengths)]
-            for run in runs:
-                cells = [_fmt(_metric(row, decoding, metric)) for row in run["results"]]
-                lines.append(f"| {run['model']} | {run['params']:,} | {run['d_state'] or '–'} | "
-                             f"{run.get('train_seconds', 0):.0f} | " + " | ".join(cells) + " |")
+            for model, runs in models.items():
+                row_cells = [_fmt_seeds(over_seeds(runs, lambda run, i=i: _metric(run["results"][i], decoding, metric)))
+                             for i in range(len(lengths))]
+                seconds = sum(run.get("train_seconds", 0) for run in runs) / len(runs)
+                lines.append(f"| {model} | {runs[0]['params']:,} | {runs[0]['d_state'] or '–'} | "
+                             f"{seconds:.0f} | " + " | ".join(row_cells) + " |")
             lines.append("")
+        lines += _range_table(results, models, lengths)
     return "\n".join(lines)
 
 
+def _range_table(results: dict, models: dict[str, list[dict]], lengths: list[int]) -> list[str]:
+    """The headline metric's mean over the in-range and over the out-of-range test lengths."""
+    decoding, metric, label = headline(results)
+    columns = []
+    for name, inside in RANGES:
+        shown = [n for n in lengths if in_training_range(results, n) == inside]
+        columns.append((f"{name} ({', '.join(map(str, shown)) or 'none'})", inside))
+    lines = [f"{label}, mean over the test lengths of each range{_seed_note(results)}", "",
+             "| model | " + " | ".join(name for name, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
+    for model, runs in models.items():
+        values = [_fmt_seeds(over_seeds(runs, lambda run, inside=inside: range_mean(results, run, decoding, metric, inside)))
+                  for _, inside in columns]
+        lines.append(f"| {model} | " + " | ".join(values) + " |")
+    return lines + [""]
+
+
 def summary_markdown(all_results: list[dict]) -> str:
-    """Mean over test lengths, per run and variant: the best Mamba against the best Transformer."""
+    """Per run and variant, for the in-range and the out-of-range test lengths apart: the best
+    Mamba (by its in-range mean) against the best Transformer, and the gap between them."""
     lines = ["# Synthetic suite summary", "",
-             "Headline metric per task, averaged over its test lengths: string exact match (copy, "
-             "n-gram lookup), fraction of values recalled (mqar), final-answer accuracy (arithmetic, "
-             "lis), all by greedy generation. Gap = Transformer minus best Mamba.", "",
-             "| run | variant | metric | best Mamba | Mamba | Transformer | gap | device | seconds |",
-             "|---|---|---|---|---:|---:|---:|---|---:|"]
+             "Headline metric per task, averaged over the test lengths inside the training range "
+             "and, apart, over those outside it: string exact match (copy, n-gram lookup), "
+             "fraction of values recalled (mqar, mqar_zoology), final-answer accuracy (arithmetic, "
+             "lis), all by greedy generation. The best Mamba and Transformer are the best in "
+             "range. Gap = Transformer minus best Mamba. With several training seeds: mean ± 95% "
+             "t-interval over seeds (the gap's from the per-seed gaps).", "",
+             "| run | variant | metric | best Mamba | Mamba in range | Transformer in range | gap in range "
+             "| Mamba out of range | Transformer out of range | gap out of range | seeds | device | seconds |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for results in all_results:
         decoding, metric, label = headline(results)
         for variant in _variants(results):
-            runs = [r for r in results["runs"] if r["variant"] == variant]
+            models = cells(results, variant)
 
-            def value(run):
-                return mean_metric(run, decoding, metric) or 0.0
+            def score(runs, inside):
+                return over_seeds(runs, lambda run: range_mean(results, run, decoding, metric, inside))
 
-            mambas = [r for r in runs if r["family"] == "mamba"]
-            tfs = [r for r in runs if r["family"] != "mamba"]
-            best = max(mambas, key=value) if mambas else None
-            tf = max(tfs, key=value) if tfs else None
-            gap = f"{value(tf) - value(best):+.2f}" if best and tf else "–"
-            lines.append(f"| {results['name']} | {variant} | {label} | {best['model'] if best else '–'} | "
-                         f"{_fmt(value(best)) if best else '–'} | {_fmt(value(tf)) if tf else '–'} | {gap} | "
-                         f"{results['device']} | {results['seconds']:.0f} |")
+            def rank(item):  # the in-range mean picks the best; a cell without one ranks last
+                summary = score(item[1], True) or score(item[1], False)
+                return summary[0] if summary else -math.inf
+
+            mambas = [item for item in models.items() if item[1][0]["family"] == "mamba"]
+            tfs = [item for item in models.items() if item[1][0]["family"] != "mamba"]
+            best = max(mambas, key=rank) if mambas else None
+            tf = max(tfs, key=rank) if tfs else None
+            row = [results["name"], variant, label, best[0] if best else "–"]
+            for _, inside in RANGES:
+                row += [_fmt_seeds(score(best[1], inside)) if best else "–",
+                        _fmt_seeds(score(tf[1], inside)) if tf else "–",
+                        _fmt_seeds(_gap(results, best, tf, decoding, metric, inside), signed=True)]
+            seeds = sorted({len(runs) for _, runs in models.items()})
+            row += ["/".join(map(str, seeds)), results["device"], f"{results['seconds']:.0f}"]
+            lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _gap(results, best, tf, decoding, metric, inside) -> tuple[float, float | None] | None:
+    """Transformer minus Mamba: per seed when both cells ran the same seeds (paired), else the
+    difference of their means."""
+    if not best or not tf:
+        return None
+
+    def per_seed(runs):
+        return {run.get("seed"): range_mean(results, run, decoding, metric, inside) for run in runs}
+
+    mamba, other = per_seed(best[1]), per_seed(tf[1])
+    if set(mamba) == set(other) and None not in mamba.values() and None not in other.values():
+        return seed_interval([other[seed] - mamba[seed] for seed in mamba])
+    a = over_seeds(best[1], lambda run: range_mean(results, run, decoding, metric, inside))
+    b = over_seeds(tf[1], lambda run: range_mean(results, run, decoding, metric, inside))
+    return (b[0] - a[0], None) if a and b else None
 
 
 def plot_accuracy_vs_length(results: dict, path: Path) -> None:
@@ -120,14 +215,18 @@ def plot_accuracy_vs_length(results: dict, path: Path) -> None:
     decoding, metric, label = headline(results)
     fig, axes = plt.subplots(2, len(variants), figsize=(4.2 * len(variants), 6), squeeze=False)
     for col, variant in enumerate(variants):
-        for run in (r for r in results["runs"] if r["variant"] == variant):
-            lengths = [row["length"] for row in run["results"]]
-            style = "-o" if run["family"] == "mamba" else "--s"
+        for model, runs in cells(results, variant).items():
+            lengths = [row["length"] for row in runs[0]["results"]]
+            style = "-o" if runs[0]["family"] == "mamba" else "--s"
             for row_i, (dec, met) in enumerate(((decoding, metric), ("teacher_forced", "token_accuracy"))):
-                ys = [_metric(row, dec, met) for row in run["results"]]
-                if all(y is None for y in ys):
+                points = [over_seeds(runs, lambda run, i=i: _metric(run["results"][i], dec, met))
+                          for i in range(len(lengths))]
+                if all(p is None for p in points):
                     continue
-                axes[row_i][col].plot(lengths, ys, style, label=f"{run['model']} ({run['params'] / 1e3:.0f}k)", markersize=4)
+                ys = [p[0] if p else math.nan for p in points]
+                errors = [(p[1] or 0.0) if p else 0.0 for p in points]
+                axes[row_i][col].errorbar(lengths, ys, yerr=errors if any(errors) else None, fmt=style, capsize=2,
+                                          label=f"{model} ({runs[0]['params'] / 1e3:.0f}k)", markersize=4)
         for row_i, ylabel in enumerate((label, "token accuracy (teacher-forced)")):
             ax = axes[row_i][col]
             ax.axvline(hi, color="grey", linestyle=":", linewidth=1)
@@ -157,27 +256,36 @@ def plot_accuracy_vs_state(results: dict, path: Path) -> bool:
 
     variants = _variants(results)
     decoding, metric, label = headline(results)
-    fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 3.4), squeeze=False)
+    fig, axes = plt.subplots(2, len(variants), figsize=(4.2 * len(variants), 6.4), squeeze=False)
     for col, variant in enumerate(variants):
-        ax = axes[0][col]
-        runs = [r for r in results["runs"] if r["variant"] == variant]
-        for width in sorted({r["d_model"] for r in runs if r["family"] == "mamba"}):
-            line = sorted((r for r in runs if r["family"] == "mamba" and r["d_model"] == width), key=lambda r: r["d_state"])
-            ax.plot([r["d_state"] for r in line], [mean_metric(r, decoding, metric) for r in line], "-o",
-                    label=f"Mamba d_model {width}", markersize=4)
-        for run in (r for r in runs if r["family"] != "mamba"):
-            ax.axhline(mean_metric(run, decoding, metric), linestyle="--", linewidth=1,
-                       color="black", label=f"{run['model']} ({run['params'] / 1e3:.0f}k)")
-        ax.set_xscale("log", base=2)
-        states_here = sorted({r["d_state"] for r in runs if r["family"] == "mamba"})
-        ax.set_xticks(states_here, [str(n) for n in states_here])
-        ax.minorticks_off()
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel("Mamba d_state")
-        ax.set_ylabel(f"{label},\nmean over test lengths", fontsize=8)
-        ax.set_title(f"{results['spec']['task']}: {variant}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        models = cells(results, variant)
+        for row_i, (range_name, inside) in enumerate(RANGES):
+            ax = axes[row_i][col]
+
+            def mean(runs, inside=inside):
+                summary = over_seeds(runs, lambda run: range_mean(results, run, decoding, metric, inside))
+                return summary[0] if summary else math.nan
+
+            mamba_cells = [runs for runs in models.values() if runs[0]["family"] == "mamba"]
+            for width in sorted({runs[0]["d_model"] for runs in mamba_cells}):
+                line = sorted((runs for runs in mamba_cells if runs[0]["d_model"] == width),
+                              key=lambda runs: runs[0]["d_state"])
+                ax.plot([runs[0]["d_state"] for runs in line], [mean(runs) for runs in line], "-o",
+                        label=f"Mamba d_model {width}", markersize=4)
+            for model, runs in models.items():
+                if runs[0]["family"] != "mamba":
+                    ax.axhline(mean(runs), linestyle="--", linewidth=1, color="black",
+                               label=f"{model} ({runs[0]['params'] / 1e3:.0f}k)")
+            states_here = sorted({runs[0]["d_state"] for runs in mamba_cells})
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(states_here, [str(n) for n in states_here])
+            ax.minorticks_off()
+            ax.set_ylim(-0.03, 1.03)
+            ax.set_xlabel("Mamba d_state")
+            ax.set_ylabel(f"{label},\nmean over test lengths {range_name}", fontsize=8)
+            ax.set_title(f"{results['spec']['task']}: {variant}, lengths {range_name}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -2,8 +2,9 @@
 
 For each task variant (e.g. direct vs CoT) the same seeded train set trains every model: each
 Mamba (d_model x d_state) and, per Mamba width, one Transformer with the closest parameter
-count. Training is `mamba_ft.training.loop.train` with the datasets passed in; scoring is teacher-forced
-and greedy at every test length. The result is the dict that results.json holds.
+count; each once per training seed (`training.seeds`, default the recipe's `seed`). Training
+is `mamba_ft.training.loop.train` with the datasets passed in; scoring is teacher-forced and
+greedy at every test length. The result is the dict that results.json holds.
 """
 
 from __future__ import annotations
@@ -55,30 +56,30 @@ def plan_models(spec: SynthSpec, task: Task, max_positions: int) -> list[ModelPl
     return plans
 
 
-def _training_recipe(spec: SynthSpec, out_dir: Path, tag: str):
+def _training_recipe(spec: SynthSpec, out_dir: Path, tag: str, seed: int):
     from mamba_ft.recipe import validate_recipe
 
     t = spec.training
     return validate_recipe({
         # The model and the data are passed to train() directly; these name where they came from.
-        "model": {"source": f"synthetic:{tag}", "init_seed": spec.seed},
+        "model": {"source": f"synthetic:{tag}", "init_seed": seed},
         "data": {"train": {"path": f"synthetic:{tag}"}, "max_length": 1_000_000},
         "precision": {"mode": t.precision},
         "optim": {"lr": t.lr, "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm,
                   "betas": [0.9, 0.98]},
         "schedule": {"kind": t.schedule, "warmup_steps": t.warmup_steps},
         "run": {"output_dir": str(out_dir), "max_steps": t.steps, "micro_batch_size": t.batch_size,
-                "seed": spec.seed, "save_final": False, "overwrite": True, "eval_every": 0},
+                "seed": seed, "save_final": False, "overwrite": True, "eval_every": 0},
         "logging": {"every": max(1, t.steps // 10), "progress_bar": False, "plot": False},
     }, where=f"the training settings of {tag}")
 
 
-def _fit(spec: SynthSpec, plan: ModelPlan, model, tokenizer, train_ds, valid_ds, out_dir: Path) -> dict:
+def _fit(spec: SynthSpec, plan: ModelPlan, seed: int, model, tokenizer, train_ds, valid_ds, out_dir: Path) -> dict:
     from accelerate.utils import extract_model_from_parallel
 
     from mamba_ft.training.loop import train
 
-    recipe = _training_recipe(spec, out_dir, plan.name)
+    recipe = _training_recipe(spec, out_dir, plan.name, seed)
     start = time.perf_counter()
     result = train(recipe, model=model, tokenizer=tokenizer, train_dataset=train_ds, eval_dataset=valid_ds)
     seconds = time.perf_counter() - start
@@ -138,7 +139,10 @@ def _run_spec(spec: SynthSpec, out_dir: Path, name: str, device: str, previous: 
     results = {"name": name, "spec": spec.model_dump(mode="json"), "device": _device_name(device),
                "torch": torch.__version__, "seconds": earlier, "test_set_sizes": {},
                "runs": list(previous["runs"]) if previous else []}
-    done = {(r["variant"], r["model"]) for r in results["runs"]}
+    # Runs written before training seeds existed were trained with the recipe's seed.
+    done = {(r["variant"], r["model"], r.get("seed", spec.seed)) for r in results["runs"]}
+    seeds = spec.training_seeds()
+    several = len(seeds) > 1  # then each run has its own train/ directory and log tag
     for label, task in spec.tasks():
         lo, hi = spec.train_lengths
         train_ex = data.train_examples(task, lo, hi, spec.n_train, spec.seed)
@@ -148,20 +152,25 @@ def _run_spec(spec: SynthSpec, out_dir: Path, name: str, device: str, previous: 
                      for n in spec.test_lengths}
         results["test_set_sizes"][label] = {str(n): len(ex) for n, ex in test_sets.items()}
         longest = max(len(e.tokens) for ex in test_sets.values() for e in ex) + 8  # + generation slack
-        plans = [p for p in plan_models(spec, task, longest) if (label, p.name) not in done]
-        if not plans:
+        jobs = [(p, seed) for p in plan_models(spec, task, longest) for seed in seeds
+                if (label, p.name, seed) not in done]
+        if not jobs:
             continue
         train_ds, valid_ds = data.to_dataset(task, train_ex), data.to_dataset(task, valid_ex)
         tokenizer = task.vocab.hf_tokenizer()
-        for plan in plans:
-            print(f"[synth] {name} / {label} / {plan.name}: {plan.params:,} parameters", flush=True)
-            model = load_model(plan.config, need_tokenizer=False, allow_transformers=True, seed=spec.seed).model
-            fit = _fit(spec, plan, model, tokenizer, train_ds, valid_ds, out_dir / "train" / label / plan.name)
+        for plan, seed in jobs:
+            print(f"[synth] {name} / {label} / {plan.name}" + (f" / seed {seed}" if several else "")
+                  + f": {plan.params:,} parameters", flush=True)
+            model = load_model(plan.config, need_tokenizer=False, allow_transformers=True, seed=seed).model
+            train_dir = out_dir / "train" / label / plan.name
+            if several:
+                train_dir = train_dir / f"seed{seed}"
+            fit = _fit(spec, plan, seed, model, tokenizer, train_ds, valid_ds, train_dir)
             model.to(device=device, dtype=torch.float32)
             t0 = time.perf_counter()
             scores = evaluate(model, task, test_sets, spec.decoding, spec.eval_batch_size)
             results["runs"].append({
-                "variant": label, "model": plan.name, "family": plan.family, "params": plan.params,
+                "variant": label, "model": plan.name, "seed": seed, "family": plan.family, "params": plan.params,
                 "d_model": plan.d_model, "d_state": plan.d_state, "state_floats": plan.state_floats,
                 "device": _device_name(device), **fit, "eval_seconds": round(time.perf_counter() - t0, 2),
                 "results": scores})

@@ -2,7 +2,8 @@
 
 A prediction is the model's answer tokens, aligned with the reference answer from its first
 token: argmax tokens under teacher forcing, or generated tokens (possibly shorter, or cut at
-EOS). Only supervised reference positions count.
+EOS). Only supervised reference positions count, each against `Example.expected` (the answer
+token, or the target where the input holds a filler instead).
 - exact_match:     every supervised token right (the whole string, EOS included).
 - token_accuracy:  the fraction of supervised tokens right, over all examples' tokens.
 - answer_accuracy: the final answer (after the task's last marker, e.g. `=` or `<sep>`) right;
@@ -24,12 +25,12 @@ def score(task: Task, examples: list[Example], predictions: list) -> dict[str, f
     for example, pred in zip(examples, predictions):
         pred = tuple(pred)
         right = [i < len(pred) and pred[i] == ref
-                 for i, (ref, sup) in enumerate(zip(example.answer, example.supervised)) if sup]
+                 for i, (ref, sup) in enumerate(zip(example.expected, example.supervised)) if sup]
         exact += all(right)
         tokens_right += sum(right)
         tokens_total += len(right)
         if example.contiguous_answer:
-            answers_right += task.final_answer(pred) == task.final_answer(example.answer)
+            answers_right += task.final_answer(pred) == task.final_answer(example.expected)
         else:  # interleaved answers (recall) have no separate final answer: the whole set counts
             answers_right += all(right)
     n = len(examples)

@@ -72,6 +72,16 @@ class TrainingSpec(_Section):
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
     max_grad_norm: float = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Seeds of model init and batch order; every model is trained once per seed on the same
+    # data (fixed by the top-level `seed`). None: one run, with `seed`.
+    seeds: list[int] | None = None
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, values):
+        if values is not None and (not values or len(set(values)) != len(values) or min(values) < 0):
+            raise ValueError("must be a non-empty list of distinct integers >= 0")
+        return values
 
 
 class SynthSpec(_Section):
@@ -99,6 +109,9 @@ class SynthSpec(_Section):
             raise ValueError("variants must hold at least one entry ({} for the plain task)")
         return self
 
+    def training_seeds(self) -> list[int]:
+        return self.training.seeds if self.training.seeds is not None else [self.seed]
+
     def tasks(self):
         """(variant label, task) per variant; every parameter and length checked."""
         out = []
@@ -119,6 +132,9 @@ TASK_DEFAULTS = {
     "prefix_ngram": {"train_lengths": [8, 20], "test_lengths": [10, 20, 40, 80]},
     "suffix_ngram": {"train_lengths": [8, 20], "test_lengths": [10, 20, 40, 80]},
     "mqar": {"task_args": {"keys": 64, "values": 64}, "train_lengths": [2, 8], "test_lengths": [4, 8, 16, 32]},
+    # Zoology's vocabulary is 8192 (the task's default); an output layer that wide is most of a
+    # CPU training step, so the bare task name takes 512.
+    "mqar_zoology": {"task_args": {"vocab_size": 512}, "train_lengths": [2, 8], "test_lengths": [4, 8, 16, 32]},
     "arithmetic": {"variants": [{"form": "direct"}, {"form": "cot"}], "train_lengths": [1, 4],
                    "test_lengths": [2, 4, 6]},
     "lis": {"variants": [{"form": "direct"}, {"form": "cot"}], "train_lengths": [2, 10],

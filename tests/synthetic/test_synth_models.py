@@ -152,12 +152,56 @@ def test_synth_cli_end_to_end(tmp_path, capsys):
     (["synth", "copy", "--set", "models.mamba.d_state=0"], "positive"),
     (["synth", "copy", "--set", "trainig.steps=5"], "key 'trainig' in the defaults of task 'copy'. Did you mean 'training'?"),
     (["synth", "missing.yaml"], "does not exist"),
+    (["synth", "copy", "--set", "training.seeds=[1,1]"], "'training.seeds' in the defaults of task 'copy': must be a non-empty list of distinct integers >= 0"),
+    (["synth", "copy", "--set", "training.seeds=[]"], "must be a non-empty list"),
+    (["synth", "copy", "--set", "training.seeds=[-3]"], "distinct integers >= 0"),
+    (["synth", "copy", "--set", "training.seeds=many"], "'training.seeds'"),
+    (["synth", "copy", "--set", "training.seed=3"], "Did you mean 'seeds'?"),
 ])
 def test_synth_cli_bad_input_exits_2(argv, message, capsys, tmp_path):
     assert main(argv + ["--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_several_training_seeds_per_model(tmp_path):
+    # Tiny and short: what matters is which runs happen and with which seed, not what they learn.
+    base = ["synth", CPU_RECIPE, "--set", "training.steps=4", "--set", "training.warmup_steps=1",
+            "--set", "n_train=64", "--set", "n_test=4", "--set", "test_lengths=[3,12]",
+            "--set", "models.transformer=null", "--set", "models.mamba.d_state=[2]",
+            "--set", "decoding=[teacher_forced]"]
+    seeded = tmp_path / "seeded"
+    assert main(base + ["--set", "training.seeds=[0,5]", "--out", str(seeded)]) == 0
+    runs = json.loads((seeded / "results.json").read_text())["runs"]
+    assert [(r["model"], r["seed"]) for r in runs] == [("mamba-d32-N2", 0), ("mamba-d32-N2", 5)]
+    assert runs[0]["first_train_loss"] != runs[1]["first_train_loss"]  # another init
+    for seed in (0, 5):
+        assert (seeded / "train" / "copy" / "mamba-d32-N2" / f"seed{seed}" / "metrics.jsonl").exists()
+    assert "mean over 2 training seeds" in (seeded / "results.md").read_text()
+
+    # Without the key: one run with the recipe's seed (0), exactly the seed-0 run above.
+    plain = tmp_path / "plain"
+    assert main(base + ["--out", str(plain)]) == 0
+    [single] = json.loads((plain / "results.json").read_text())["runs"]
+    assert single["seed"] == 0 and (plain / "train" / "copy" / "mamba-d32-N2" / "metrics.jsonl").exists()
+    assert single["results"] == runs[0]["results"]
+    assert single["final_train_loss"] == runs[0]["final_train_loss"]
+    # A results.json from before training seeds existed (no `training.seeds`, no run `seed`)
+    # resumes as the same settings, and its run counts as the recipe seed's: nothing retrained.
+    old = json.loads((plain / "results.json").read_text())
+    del old["spec"]["training"]["seeds"], old["runs"][0]["seed"]
+    (plain / "results.json").write_text(json.dumps(old))
+    assert main(base + ["--out", str(plain), "--resume"]) == 0
+    assert json.loads((plain / "results.json").read_text())["runs"] == old["runs"]
+
+    # --resume retrains only the (model, seed) that is missing.
+    results = json.loads((seeded / "results.json").read_text())
+    (seeded / "results.json").write_text(json.dumps(dict(results, runs=runs[:1])))
+    assert main(base + ["--set", "training.seeds=[0,5]", "--out", str(seeded), "--resume"]) == 0
+    resumed = json.loads((seeded / "results.json").read_text())["runs"]
+    assert resumed[0] == runs[0] and resumed[1]["seed"] == 5
+    assert resumed[1]["results"] == runs[1]["results"]
 
 
 @pytest.mark.slow
