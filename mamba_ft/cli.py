@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", metavar="TASK=DIR", help="local split files for a task (repeat)")
     p.add_argument("--out", default=None, help="directory for results.json, results.md and the plots")
     p.add_argument("--batch-size", default="8")
+    p.add_argument("--bootstrap-iters", type=int, default=None,
+                   help="lm-eval's bootstrap iterations for the scores' standard errors "
+                        "(default 1000; 0 turns standard errors and intervals off)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default="float32", help="dtype the weights are loaded in")
     p.add_argument("--autocast", default=None, choices=["bfloat16", "float16"],

@@ -378,6 +378,8 @@ def main_from_cli(args) -> SweepResult:
         out_dir=args.out,
         baseline=args.baseline,
         batch_size=int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size,
+        bootstrap_iters=(DEFAULT_BOOTSTRAP_ITERS if args.bootstrap_iters is None
+                         else args.bootstrap_iters),
         device=args.device,
         dtype=args.dtype,
         autocast=args.autocast,

@@ -216,6 +216,7 @@ def test_training_run_hook_compares_fine_tuned_with_base(tiny_mamba_dir, tmp_pat
     (["--model", "m=MODEL", "--adapter", "x=/tmp", "--tasks", "icl_copy"], "LABEL=PATH with LABEL one of"),
     (["--model", "m=MODEL", "--shots", "1,3"], "must include 0"),
     (["--model", "m=MODEL", "--baseline", "nope"], "baseline 'nope'"),
+    (["--model", "m=MODEL", "--bootstrap-iters", "-1"], "bootstrap_iters -1 must be a whole number"),
 ])
 def test_cli_bad_input_exits_2_without_traceback(tiny_mamba_dir, args, expected, capsys, tmp_path, monkeypatch):
     import datasets.config
