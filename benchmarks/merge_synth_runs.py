@@ -5,7 +5,8 @@ results.json, results.md and plots the recipe would have written in one run.
 one process per (d_model, d_state) with `--set` overrides, so that the models train side by side
 on the GPU; every part uses the recipe's seed and data, and a model's training does not depend on
 which other models are in the sweep. This script checks that each part is the recipe with only
-the sweep narrowed, then writes the parts' runs in the recipe's own model order, with each model's training log.
+the sweep narrowed, then writes the parts' runs in the recipe's own model order (and, with
+several training seeds, each seed's run), with each run's training log.
 
     python benchmarks/merge_synth_runs.py RECIPE OUT_DIR PART_DIR...
 
@@ -36,12 +37,18 @@ def merge(recipe: str, out: Path, parts: list[Path]) -> dict:
             raise SystemExit(f"{part} is not {recipe} with only models narrowed")
         if r["test_set_sizes"] != results[0]["test_set_sizes"]:
             raise SystemExit(f"{part} was scored on other test sets")
-    runs = {(run["variant"], run["model"]): run for r in results for run in r["runs"]}
-    trained_in = {(run["variant"], run["model"]): part for part, r in zip(parts, results) for run in r["runs"]}
+    # A run is one (variant, model, training seed); results written before seeds existed
+    # carry none and used the recipe's seed.
+    def key(run):
+        return run["variant"], run["model"], run.get("seed", spec.seed)
+
+    runs = {key(run): run for r in results for run in r["runs"]}
+    trained_in = {key(run): part for part, r in zip(parts, results) for run in r["runs"]}
+    seeds = spec.training_seeds()
     order = []
     for label, task in spec.tasks():
         for plan in plan_models(spec, task, 1_000_000):
-            order.append((label, plan.name))
+            order.extend((label, plan.name, seed) for seed in seeds)
     missing = [key for key in order if key not in runs]
     merged = {"name": Path(recipe).stem, "spec": full, "device": results[0]["device"],
               "torch": results[0]["torch"], "seconds": max(r["seconds"] for r in results),
@@ -51,8 +58,9 @@ def merge(recipe: str, out: Path, parts: list[Path]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(merged, indent=1))
     report.write_report(merged, out)
-    for (variant, model), part in trained_in.items():  # the trainer's metrics.jsonl and recipe.yaml
-        shutil.copytree(part / "train" / variant / model, out / "train" / variant / model, dirs_exist_ok=True)
+    for (variant, model, seed), part in trained_in.items():  # the trainer's metrics.jsonl, recipe.yaml
+        sub = Path(variant) / model / (f"seed{seed}" if len(seeds) > 1 else "")
+        shutil.copytree(part / "train" / sub, out / "train" / sub, dirs_exist_ok=True)
     return merged
 
 
