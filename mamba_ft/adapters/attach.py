@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from mamba_ft.adapters import hybrid
 from mamba_ft.adapters.config import AdapterConfig, TargetFamily
 from mamba_ft.adapters.families import MixerFamily, family_of_model
 from mamba_ft.adapters.lora import (
@@ -38,6 +39,9 @@ class Attached:
     peft_config: object | None = None  # the LoraConfig, for a Transformer baseline
     module_targets: dict[str, str] = field(default_factory=dict)  # adapted module path -> target
     family: TargetFamily | None = None  # the Mamba family's target vocabulary; None for a baseline
+    # A hybrid's attention / MLP Linears holding PEFT LoRA (module path -> target), under
+    # `peft_config`; empty for a pure Mamba.
+    hybrid_modules: dict[str, str] = field(default_factory=dict)
 
 
 def attached(model: nn.Module) -> Attached | None:
@@ -80,13 +84,26 @@ def attach_adapters(model: nn.Module, config: AdapterConfig) -> AdapterReport:
                         "mamba_ft.models.swap_mixers) before attaching adapters.")
     if mixers(model):
         family = family_of_model(mixers(model))
-        rows, module_targets = _attach_mamba(model, config, family)
-        record = Attached(config, True, flags, module_targets=module_targets, family=family.targets)
+        entry = mamba_model_type(model_type)
+        mamba_config, hybrid_modules, linears, peft_config = config, {}, {}, None
+        if entry is not None and entry.hybrid:
+            linears = hybrid.layer_linears(model, mixers(model))
+            mamba_targets, hybrid_modules = hybrid.split_targets(config, family.targets, linears)
+            mamba_config = _restricted(config, mamba_targets, family.targets)
+        rows, module_targets = _attach_mamba(model, mamba_config, family)
+        if hybrid_modules:
+            lora_rows, peft_config = hybrid.attach_lora(model, config, hybrid_modules)
+            rows += lora_rows
+            module_targets.update(hybrid_modules)
+        record = Attached(config, True, flags, peft_config=peft_config, module_targets=module_targets,
+                          family=family.targets, hybrid_modules=hybrid_modules)
         notes = []
         if config.dropout > 0:
-            notes.append(f"dropout {config.dropout} acts on the side paths (in_proj, out_proj, lm_head) only.")
-        if mamba_model_type(model_type) is not None and mamba_model_type(model_type).hybrid:
-            notes.append(_hybrid_coverage(model))
+            notes.append(f"dropout {config.dropout} acts on the side paths (in_proj, out_proj, lm_head"
+                         f"{', attention / MLP LoRA' if hybrid_modules else ''}) only.")
+        if entry is not None and entry.hybrid:
+            adapted_mixers = sum(m.adapter is not None for m in mixers(model))
+            notes.append(hybrid.coverage(linears, hybrid_modules, len(mixers(model)), adapted_mixers))
     else:
         from mamba_ft.adapters.baseline import attach_peft
 
@@ -142,19 +159,11 @@ def _attach_mamba(model: nn.Module, config: AdapterConfig, family: MixerFamily):
     return [ReportRow(t, c[0], c[1]) for t, c in counts.items()], module_targets
 
 
-def _hybrid_coverage(model: nn.Module) -> str:
-    """The layer kinds of a hybrid and which of them hold adapters, so no gap is hidden."""
-    kinds = {"attention": 0, "MLP / MoE": 0}
-    for module in model.modules():
-        name = type(module).__name__
-        if name.endswith("Attention"):
-            kinds["attention"] += 1
-        elif name.endswith(("MLP", "MoE", "SparseMoeBlock")):
-            kinds["MLP / MoE"] += 1
-    others = ", ".join(f"{n} {kind}" for kind, n in kinds.items() if n)
-    return (f"hybrid model: adapters in its {len(mixers(model))} Mamba layers (and embeddings / "
-            f"lm_head where named); its {others} layers are not adapted (LoRA on them is not built "
-            f"yet, docs/models.md).")
+def _restricted(config: AdapterConfig, targets: list[str], family: TargetFamily) -> AdapterConfig:
+    """`config` with only the targets a hybrid's Mamba layers take (and their ranks)."""
+    expanded = family.expand(targets)
+    ranks = {t: r for t, r in config.rank_per_target.items() if t in expanded}
+    return config.model_copy(update={"targets": targets, "rank_per_target": ranks})
 
 
 def detach_adapters(model: nn.Module) -> None:
@@ -163,6 +172,10 @@ def detach_adapters(model: nn.Module) -> None:
     if record is None:
         return
     if record.is_mamba:
+        if record.hybrid_modules:
+            from mamba_ft.adapters.baseline import unload_peft
+
+            unload_peft(model, merge=False)
         for mixer in mixers(model):
             mixer.adapter = None
         for module in (model.get_input_embeddings(), model.get_output_embeddings()):

@@ -115,6 +115,15 @@ ALL_MAMBA_TARGETS = tuple(dict.fromkeys(t for f in TARGET_FAMILIES for t in f.ta
 FULL_DELTA_TARGETS = tuple(dict.fromkeys(t for f in TARGET_FAMILIES for t in f.full_delta))
 ALIAS_NAMES = tuple(dict.fromkeys(a for f in TARGET_FAMILIES for a in f.aliases))
 
+# A hybrid's non-Mamba layer kinds, each a target naming every Linear of that kind
+# (`adapters/hybrid.py`); they may stand beside Mamba targets in one list.
+HYBRID_KINDS = ("attention", "mlp")
+# The names of the Linears in the supported hybrids' attention and MLP layers, so a list that
+# mixes them with Mamba-only targets is still checked here (tests/models/test_model_types.py
+# holds this list equal to what the models have).
+HYBRID_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                       "down_proj", "gate_up_proj", "input_linear", "output_linear")
+
 # Names that exist only in Mamba mixers: a list containing one is a Mamba configuration.
 _SHARED_WITH_TRANSFORMERS = {"in_proj", "out_proj", *MODEL_TARGETS}
 _MAMBA_ONLY = set(ALL_MAMBA_TARGETS) - _SHARED_WITH_TRANSFORMERS
@@ -125,8 +134,11 @@ def valid_mamba_targets_text() -> str:
 
 
 def unknown_mamba_target(name: str) -> str:
-    return (f"Unknown adapter target {name!r}.{did_you_mean(name, ALL_MAMBA_TARGETS + ALIAS_NAMES)} "
-            f"Valid targets for a Mamba model: {valid_mamba_targets_text()}.")
+    known = ALL_MAMBA_TARGETS + ALIAS_NAMES + HYBRID_KINDS + HYBRID_LINEAR_NAMES
+    return (f"Unknown adapter target {name!r}.{did_you_mean(name, known)} "
+            f"Valid targets for a Mamba model: {valid_mamba_targets_text()}; beside them a "
+            f"hybrid's other layers take {', '.join(HYBRID_KINDS)} or their Linears' names "
+            f"({', '.join(HYBRID_LINEAR_NAMES)}).")
 
 
 class AdapterConfig(BaseModel):
@@ -157,7 +169,7 @@ class AdapterConfig(BaseModel):
             raise ValueError(f"adapter target {duplicates[0]!r} is listed twice")
         if any(t in _MAMBA_ONLY for t in targets):
             for name in targets:
-                if name not in ALL_MAMBA_TARGETS and name not in ALIAS_NAMES:
+                if name not in ALL_MAMBA_TARGETS + ALIAS_NAMES + HYBRID_KINDS + HYBRID_LINEAR_NAMES:
                     raise ValueError(unknown_mamba_target(name))
         return targets
 

@@ -47,7 +47,8 @@ def peft_key(name: str, family: TargetFamily | None) -> str | None:
     `family`: the Mamba family's target vocabulary, None for a Transformer baseline (PEFT's
     own layers)."""
     parts = name.split(".")
-    if family is None:  # PEFT's own layer: drop the adapter name ("default")
+    if family is None or "adapter" not in parts:  # PEFT's own layer (a baseline's, a hybrid's
+        # attention / MLP): drop the adapter name ("default")
         if parts[-1] == "default":  # lora_embedding_A.default
             parts = parts[:-1]
         elif parts[-2] == "default":  # lora_A.default.weight
@@ -88,7 +89,8 @@ def _peft_config_dict(model: nn.Module, base_model: str) -> dict:
     if record.is_mamba:
         config = record.config
         # For these targets the recorded path ("<mixer>.in_proj", "lm_head") is the module PEFT wraps.
-        modules = {m: t for m, t in record.module_targets.items() if t in record.family.peft}
+        modules = {m: t for m, t in record.module_targets.items()
+                   if t in record.family.peft or m in record.hybrid_modules}
         rank_pattern = {m: config.rank_for(t) for m, t in modules.items() if config.rank_for(t) != config.rank}
         peft_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                                  target_modules=sorted(modules), rank_pattern=rank_pattern,
@@ -139,10 +141,12 @@ def save_adapters(model: nn.Module, out_dir: str | Path, base_model: str) -> Pat
         "base_model": source,
         "model_type": _model_type(model),
         "config": record.config.model_dump(mode="json"),
-        "peft_targets": sorted({t for t in record.module_targets.values()
-                                if not record.is_mamba or t in record.family.peft}),
-        "mamba_ft_only_targets": sorted({t for t in record.module_targets.values()
-                                         if record.is_mamba and t not in record.family.peft}),
+        "peft_targets": sorted({t for m, t in record.module_targets.items()
+                                if not record.is_mamba or t in record.family.peft
+                                or m in record.hybrid_modules}),
+        "mamba_ft_only_targets": sorted({t for m, t in record.module_targets.items()
+                                         if record.is_mamba and t not in record.family.peft
+                                         and m not in record.hybrid_modules}),
     }
     # A QLoRA adapter was trained against the dequantised base: merging rebuilds that base
     # (the same quantisation of the same checkpoint is the same bytes) instead of the original.

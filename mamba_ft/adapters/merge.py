@@ -57,6 +57,10 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     _untie_adapted_embeddings(model, record)
     with torch.no_grad():
         if record.is_mamba:
+            if record.hybrid_modules:  # a hybrid's attention / MLP LoRA (PEFT's layers)
+                from mamba_ft.adapters.baseline import unload_peft
+
+                unload_peft(model, merge=True)
             for mixer in mixers(model):
                 if mixer.adapter is not None:
                     mixer.adapter.merge_into(mixer)

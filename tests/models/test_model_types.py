@@ -17,7 +17,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from mamba_ft.adapters.families import family_of_model
 from mamba_ft.adapters import (AdapterConfig, adapter_parameters, attach_adapters,
-                               check_adapter_gradients, merge_adapters)
+                               check_adapter_gradients, load_adapters, merge_adapters,
+                               save_adapters)
+from mamba_ft.adapters.config import HYBRID_LINEAR_NAMES
+from mamba_ft.adapters.hybrid import layer_linears
 from mamba_ft.errors import UserError
 from mamba_ft.models import load_model, mixers
 from mamba_ft.models.model_types import MODEL_TYPES
@@ -112,9 +115,20 @@ def test_adapters_train_every_mamba_buffer_and_merge_to_plain_transformers(model
     reference.save_pretrained(tmp_path / "base")
     model = load_model(tmp_path / "base", need_tokenizer=False).model
     report = attach_adapters(model, AdapterConfig(targets=["all", "embeddings", "lm_head"], rank=3))
-    # A hybrid's report says which layer kinds hold no adapters.
-    assert any("hybrid model" in note and "not adapted" in note
-               for note in report.notes) == MODEL_TYPES[model_type].hybrid
+    hybrid = MODEL_TYPES[model_type].hybrid
+    # A hybrid's report counts the adapted modules of each layer kind; `all` covers them all.
+    coverage = [note for note in report.notes if note.startswith("hybrid model, adapted:")]
+    assert len(coverage) == hybrid
+    if hybrid:
+        linears = layer_linears(model, mixers(model))
+        assert {k for k in linears.values()} >= {"attention"}
+        n_mixers = len(mixers(model))
+        assert f"Mamba mixers {n_mixers}/{n_mixers}" in coverage[0]
+        for kind in ("attention", "mlp"):
+            n = sum(k == kind for k in linears.values())
+            assert f"{kind} Linears {n}/{n}" in coverage[0]
+        lora_modules = {n.rsplit(".lora_", 1)[0] for n in adapter_parameters(model) if ".lora_" in n}
+        assert set(linears) <= lora_modules
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _, p in sorted(adapter_parameters(model).items()):
@@ -128,6 +142,12 @@ def test_adapters_train_every_mamba_buffer_and_merge_to_plain_transformers(model
     model.eval()
     with torch.no_grad():
         adapter_logits = model(ids).logits
+    # Saved (PEFT format plus mamba-ft's file) and loaded onto a fresh base: the same logits.
+    save_adapters(model, tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    fresh = load_adapters(load_model(tmp_path / "base", need_tokenizer=False).model.eval(),
+                          tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, adapter_logits, rtol=0, atol=0)
     merge_adapters(model)
     model.save_pretrained(tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
@@ -142,3 +162,46 @@ def test_mamba_variants_not_served_yet_are_refused_by_name(tmp_path):
                                   num_key_value_heads=1, intermediate_size=32)
     with pytest.raises(UserError, match="Jamba .* does not serve yet; it serves .*Bamba"):
         load_model(config.to_dict(), need_tokenizer=False, allow_transformers=True)
+
+
+@pytest.mark.parametrize("model_type", HYBRIDS)
+def test_hybrid_targets_choose_layer_kinds_and_linears(model_type, ids):
+    model = load_model(plain(model_type).config.to_dict(), need_tokenizer=False, seed=0).model
+    linears = layer_linears(model, mixers(model))
+    # Only the attention Linears: no mixer adapter, LoRA on exactly those modules.
+    report = attach_adapters(model, AdapterConfig(targets=["attention"], rank=2))
+    assert all(m.adapter is None for m in mixers(model))
+    lora_modules = {n.rsplit(".lora_", 1)[0] for n in adapter_parameters(model) if ".lora_" in n}
+    assert lora_modules == {n for n, kind in linears.items() if kind == "attention"}
+    assert [r.target for r in report.rows] == ["attention"]
+    model(ids, labels=ids).loss.backward()
+    check_adapter_gradients(model)
+    # A Mamba buffer beside a Linear's own name and the MLP kind.
+    model = load_model(plain(model_type).config.to_dict(), need_tokenizer=False, seed=0).model
+    leaf = sorted(n.rsplit(".", 1)[-1] for n, k in linears.items() if k == "attention")[0]
+    targets = ["conv1d", leaf] + (["mlp"] if "mlp" in linears.values() else [])
+    report = attach_adapters(model, AdapterConfig(targets=targets, rank=2,
+                                                  rank_per_target={leaf: 4}))
+    assert all(m.adapter is not None for m in mixers(model))
+    assert [r.target for r in report.rows][:2] == ["conv1d", leaf]
+    ranks = {n.rsplit(".lora_A", 1)[0]: p.shape[0] for n, p in adapter_parameters(model).items()
+             if ".lora_A" in n}
+    assert all(ranks[n] == 4 for n in linears if n.rsplit(".", 1)[-1] == leaf)
+
+
+def test_hybrid_linear_names_known_to_the_config_are_the_models():
+    """AdapterConfig checks a list mixing Mamba targets with Linear names against
+    HYBRID_LINEAR_NAMES before any model exists; it must be what the hybrids hold."""
+    names = set()
+    for model_type in HYBRIDS:
+        model = load_model(plain(model_type).config.to_dict(), need_tokenizer=False, seed=0).model
+        names |= {n.rsplit(".", 1)[-1] for n in layer_linears(model, mixers(model))}
+    assert {n for n in names if not n.isdigit()} == set(HYBRID_LINEAR_NAMES)
+
+
+def test_unknown_hybrid_target_names_both_vocabularies():
+    model = load_model(plain("bamba").config.to_dict(), need_tokenizer=False, seed=0).model
+    with pytest.raises(UserError, match="Unknown adapter target 'q_prj'.*Did you mean 'q_proj'.*"
+                                        "its other layers take attention, mlp"):
+        attach_adapters(model, AdapterConfig(targets=["q_prj"], rank=2))
+    assert not adapter_parameters(model)  # nothing half-attached
