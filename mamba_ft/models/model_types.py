@@ -35,6 +35,10 @@ class MambaModelType:
     # shared attention's rotary embeddings to every layer); any other unknown one stays an error.
     ignored_keywords: frozenset[str] = field(default_factory=frozenset)
     hybrid: bool = False  # attention / MLP layers beside the Mamba ones
+    # A hybrid's attention keeps packed documents apart when its model hands position ids to
+    # transformers' mask builder (`models.packed_position_ids`); one that does not would let
+    # documents attend to each other, so packing is refused for it.
+    packs: bool = True
     example_checkpoint: str = ""  # a Hub id of this type, for messages and recipes
 
     def load_class(self, path: str) -> type:
@@ -68,7 +72,7 @@ MODEL_TYPES: dict[str, MambaModelType] = {t.model_type: t for t in (
                    hybrid=True, example_checkpoint="nvidia/NVIDIA-Nemotron-Nano-9B-v2"),
     MambaModelType("granitemoehybrid", "Granite-4.0-H",
                    _T + "granitemoehybrid.modeling_granitemoehybrid:GraniteMoeHybridMambaLayer",
-                   MambaFTMamba2Mixer, hybrid=True,
+                   MambaFTMamba2Mixer, hybrid=True, packs=False,
                    example_checkpoint="ibm-granite/granite-4.0-h-tiny"),
     MambaModelType("zamba2", "Zamba2", _T + "zamba2.modeling_zamba2:Zamba2MambaMixer",
                    MambaFTMamba2Mixer, ignored_keywords=frozenset({"position_embeddings"}),
@@ -87,6 +91,23 @@ NOT_YET = {
 def mamba_model_type(model_type: str | None) -> MambaModelType | None:
     """The entry for a model type mamba-ft serves, None for any other (a Transformer)."""
     return MODEL_TYPES.get(model_type)
+
+
+def is_hybrid(model: nn.Module) -> bool:
+    """Whether `model` is of a hybrid type (attention / MLP layers beside the Mamba ones)."""
+    entry = mamba_model_type(getattr(getattr(model, "config", None), "model_type", None))
+    return entry is not None and entry.hybrid
+
+
+def check_packing(model: nn.Module) -> None:
+    """UserError when packed rows cannot keep this model's documents apart."""
+    from mamba_ft.errors import UserError
+
+    entry = mamba_model_type(getattr(getattr(model, "config", None), "model_type", None))
+    if entry is not None and not entry.packs:
+        raise UserError(f"data.packing is not supported for {entry.name}: transformers builds its "
+                        f"attention mask without the position ids, so packed documents would "
+                        f"attend to each other. Set data.packing: false.")
 
 
 def supported_names() -> str:

@@ -89,6 +89,17 @@ def document_starts(model: nn.Module, starts: torch.Tensor | None):
             mixer.document_starts = None
 
 
+def packed_position_ids(starts: torch.Tensor) -> torch.Tensor:
+    """Position ids restarting at 0 at each document start of (batch, L) bool `starts`.
+
+    Given these and no attention mask, transformers' mask builder (`create_causal_mask`) sees
+    the packed format and makes the hybrids' attention block-diagonal, one block per document,
+    as `document_starts` makes their Mamba layers restart."""
+    index = torch.arange(starts.shape[1], device=starts.device).expand_as(starts)
+    last_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - last_start
+
+
 def set_recompute_ssm(model: nn.Module, enabled: bool) -> int:
     """Recompute each mixer's SSM branch in the backward instead of storing its activations.
 

@@ -73,10 +73,10 @@ def build_model(recipe: Recipe, model, tokenizer, train_dataset):
         from mamba_ft.models import set_recompute_ssm
 
         set_recompute_ssm(model, True)
-    if recipe.data.packing and is_mamba and _is_hybrid(model):
-        raise UserError("data.packing is not supported for hybrid models yet: their Mamba layers "
-                        "restart at document starts, but their attention layers would attend "
-                        "across documents. Set data.packing: false.")
+    if recipe.data.packing and is_mamba:
+        from mamba_ft.models.model_types import check_packing
+
+        check_packing(model)
     if recipe.data.packing and not is_mamba:
         raise UserError("data.packing is only supported for Mamba models (their state restarts at "
                         "document starts); a Transformer baseline would attend across documents. "
@@ -95,13 +95,6 @@ def build_model(recipe: Recipe, model, tokenizer, train_dataset):
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError("Nothing to train: no parameter requires a gradient.")
     return model, tokenizer, adapter_report
-
-
-def _is_hybrid(model) -> bool:
-    from mamba_ft.models.model_types import mamba_model_type
-
-    entry = mamba_model_type(getattr(getattr(model, "config", None), "model_type", None))
-    return entry is not None and entry.hybrid
 
 
 def _print_main(report) -> None:

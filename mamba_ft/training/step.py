@@ -39,20 +39,26 @@ def forward_loss_sum(model, batch, accelerator, backward_scale: float | None = N
     attention_mask and document_starts, as `mamba_ft.data.collate` makes them.
 
     Packed rows run inside `document_starts` (forward and backward) so the Mamba state
-    restarts at each document.
+    restarts at each document; a hybrid's attention gets position ids restarting there and no
+    attention mask, which transformers turns into a block-diagonal mask (padding sits at the
+    rows' ends, after every target, so no target sees it).
     """
-    from mamba_ft.models import document_starts
+    from mamba_ft.models import document_starts, packed_position_ids
+    from mamba_ft.models.model_types import is_hybrid
 
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
     starts = batch.pop("document_starts", None)
     labels = batch.pop("labels")
-    boundary = document_starts(accelerator.unwrap_model(model), starts) if starts is not None else nullcontext()
+    inner = accelerator.unwrap_model(model)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+    if starts is not None and is_hybrid(inner):
+        inputs = {"input_ids": batch["input_ids"], "position_ids": packed_position_ids(starts)}
+    boundary = document_starts(inner, starts) if starts is not None else nullcontext()
     with boundary:
         # Accelerate puts this autocast on a prepared model's forward; an FSDP2-sharded model is
         # not prepared, so enter it here (nesting the same autocast changes nothing).
         with accelerator.autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                           use_cache=False).logits
+            logits = model(**inputs, use_cache=False).logits
         loss_sum = next_token_loss_sum(logits, labels, data_lib.IGNORE)
         if backward_scale is not None:
             accelerator.backward(loss_sum * backward_scale)

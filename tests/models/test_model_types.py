@@ -205,3 +205,62 @@ def test_unknown_hybrid_target_names_both_vocabularies():
                                         "its other layers take attention, mlp"):
         attach_adapters(model, AdapterConfig(targets=["q_prj"], rank=2))
     assert not adapter_parameters(model)  # nothing half-attached
+
+
+@pytest.mark.parametrize("model_type", [t for t in HYBRIDS if MODEL_TYPES[t].packs])
+def test_packed_row_equals_its_documents_run_apart(model_type):
+    """Two documents packed in one row, through the training step's packed path (Mamba layers
+    inside `document_starts`, attention given restarting position ids and no mask): per-token
+    logits and the adapter gradients of the summed loss equal those of the documents run one by
+    one (fp32; summation order only: 1e-5 of each gradient's largest entry)."""
+    from accelerate import Accelerator
+
+    from mamba_ft.data import IGNORE
+    from mamba_ft.training.step import forward_loss_sum
+
+    model = load_model(plain(model_type).config.to_dict(), need_tokenizer=False, seed=0).model
+    attach_adapters(model, AdapterConfig(targets=["all"], rank=2))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, p in sorted(adapter_parameters(model).items()):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    docs = [torch.randint(3, VOCAB, (1, n), generator=gen) for n in (11, 13)]
+    accelerator = Accelerator(cpu=True)
+
+    def grads_after(batches):
+        model.zero_grad()
+        total = sum(forward_loss_sum(model, b, accelerator, backward_scale=1.0) for b in batches)
+        return total.item(), {n: p.grad.clone() for n, p in adapter_parameters(model).items()}
+
+    row = torch.cat(docs, dim=1)
+    starts = torch.zeros_like(row, dtype=torch.bool)
+    starts[0, [0, docs[0].shape[1]]] = True
+    labels = row.clone()
+    labels[0, docs[0].shape[1]] = IGNORE  # a document's first token is no target of the last
+    packed = {"input_ids": row, "labels": labels, "attention_mask": torch.ones_like(row),
+              "document_starts": starts}
+    apart = [{"input_ids": d, "labels": d.clone(), "attention_mask": torch.ones_like(d)}
+             for d in docs]
+    loss_packed, grads_packed = grads_after([packed])
+    loss_apart, grads_apart = grads_after(apart)
+    assert loss_packed == pytest.approx(loss_apart, rel=1e-5)
+    for name, g in grads_apart.items():
+        torch.testing.assert_close(grads_packed[name], g, rtol=1e-4,
+                                   atol=1e-5 * g.abs().max().item() + 1e-9, msg=name)
+    # Without the restart the second document would see the first: the test can tell.
+    unpacked = dict(packed)
+    del unpacked["document_starts"]
+    assert grads_after([unpacked])[0] != pytest.approx(loss_apart, rel=1e-5)
+
+
+def test_packing_is_refused_where_attention_would_cross_documents():
+    """Granite-4.0-H's model builds its attention mask without the position ids: a packed row
+    through the packed path is not its documents apart, so packing is refused for it."""
+    from mamba_ft.models.model_types import check_packing
+
+    model = load_model(plain("granitemoehybrid").config.to_dict(), need_tokenizer=False, seed=0).model
+    with pytest.raises(UserError, match="packing is not supported for Granite-4.0-H"):
+        check_packing(model)
+    for model_type in HYBRIDS:
+        if MODEL_TYPES[model_type].packs:
+            check_packing(plain(model_type))  # no error

@@ -526,9 +526,10 @@ TINY_NEMOTRON_H = {"model_type": "nemotron_h", "vocab_size": 272, "hidden_size":
                    "conv_kernel": 4, "expand": 2, "chunk_size": 8}
 
 
-def test_hybrid_recipe_trains_its_mamba_adapters_and_refuses_packing(tmp_path):
-    """A hybrid (Nemotron-H) through the same recipe: adapters on its Mamba layers train and the
-    loss falls; packing is refused, since its attention layers would attend across documents."""
+def test_hybrid_recipe_trains_with_adapters_everywhere_packed_and_not(tmp_path):
+    """A hybrid (Nemotron-H) through the same recipe: adapters on its Mamba layers and LoRA on
+    its attention / MLP train and the loss falls, with and without packing (the packed path is
+    tested against documents run apart in tests/models/test_model_types.py)."""
     d = recipe_dict(tmp_path / "hybrid", max_steps=6)
     d["model"]["source"] = dict(TINY_NEMOTRON_H)
     d["model"]["kind"] = "mamba"
@@ -537,6 +538,5 @@ def test_hybrid_recipe_trains_its_mamba_adapters_and_refuses_packing(tmp_path):
     assert result.final_eval_loss < result.initial_eval_loss
     d["data"]["packing"] = True
     d["run"]["output_dir"] = str(tmp_path / "hybrid-packed")
-    with pytest.raises(UserError, match="packing is not supported for hybrid models yet"):
-        train_mod.train(validate_recipe(d))
-    assert not (tmp_path / "hybrid-packed" / "adapter").exists()
+    packed = train_mod.train(validate_recipe(d))
+    assert packed.final_eval_loss < packed.initial_eval_loss
