@@ -242,3 +242,25 @@ def test_lm_eval_command_line_with_the_mamba_ft_model(tiny_mamba_dir, tmp_path):
     saved = list((tmp_path / "out").rglob("results_*.json"))
     assert saved and json.loads(saved[0].read_text())["n-shot"]["icl_first_letter"] == 2
 
+
+
+def test_sweep_takes_a_hybrid_model(tmp_path):
+    """A hybrid (Nemotron-H, random init with the bundled tokenizer) through the ICL sweep: it
+    loads (with mamba-ft's mixers), is recorded as a Mamba, and every shot count is scored."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from mamba_ft.models.loading import BUNDLED_DIR
+
+    config = AutoConfig.for_model(
+        "nemotron_h", vocab_size=272, hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=32, layers_block_type=["mamba", "attention", "mamba"], num_hidden_layers=3,
+        mamba_num_heads=4, mamba_head_dim=8, n_groups=1, ssm_state_size=4, conv_kernel=4, expand=2,
+        chunk_size=8)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "hybrid")
+    AutoTokenizer.from_pretrained(BUNDLED_DIR / "tokenizer").save_pretrained(tmp_path / "hybrid")
+    result = run_icl_sweep([ModelSpec("hybrid", str(tmp_path / "hybrid"))], tasks=["icl_reverse"],
+                           shots=(0, 1), seeds=(5,), limit=4, bootstrap_iters=0, log=lambda line: None)
+    assert result.models["hybrid"]["is_mamba"]
+    assert {row["shots"] for row in result.scores} == {0, 1}
+    assert all(0.0 <= row["value"] <= 1.0 for row in result.scores)
