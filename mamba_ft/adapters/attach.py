@@ -135,9 +135,21 @@ def _attach_mamba(model: nn.Module, config: AdapterConfig, family: MixerFamily):
                                            config.dropout)
             mixer.adapter = adapter.to(mixer.A_log.device)
             for t in mixer_targets:
+                if hasattr(adapter, "holds") and not adapter.holds(t):
+                    continue
                 counts[t][0] += 1
                 counts[t][1] += adapter.target_numel(t)
                 module_targets[f"{module_paths[id(mixer)]}.{t}"] = t
+        # A buffer these mixers lack (Falcon-H1 without its gated norm): an error when named,
+        # left out of the report when an alias (`all`) brought it.
+        for t in mixer_targets:
+            if counts[t][0] == 0:
+                if t in config.targets:
+                    for mixer in chosen:
+                        mixer.adapter = None
+                    raise UserError(f"adapter target {t!r} matches nothing: this model's "
+                                    f"{family.targets.name} mixers have no {t}; leave it out.")
+                del counts[t]
 
     if "embeddings" in targets:
         emb = model.get_input_embeddings()

@@ -53,8 +53,9 @@ class Mamba2MixerAdapter(nn.Module):
                 self.low_rank[module_key(name)] = LowRankDelta(*shapes[name], rank_for(name),
                                                                scale_for(name), p)
         self.delta = nn.ParameterDict()
-        vectors = {"norm": mixer.norm.weight, "A_log": mixer.A_log, "D": mixer.D,
-                   "dt_bias": mixer.dt_bias}
+        vectors = {"A_log": mixer.A_log, "D": mixer.D, "dt_bias": mixer.dt_bias}
+        if mixer.norm is not None:  # Falcon-H1 may have none: `norm` then adapts nothing here
+            vectors["norm"] = mixer.norm.weight
         for name in targets:
             if name in vectors:
                 self.delta[name] = nn.Parameter(torch.zeros(tuple(vectors[name].shape),
@@ -63,6 +64,10 @@ class Mamba2MixerAdapter(nn.Module):
     def _lr(self, name: str) -> LowRankDelta | None:
         key = module_key(name)
         return self.low_rank[key] if key in self.low_rank else None
+
+    def holds(self, target: str) -> bool:
+        """Whether this mixer has the buffer `target` names (a norm-less mixer has no `norm`)."""
+        return target in self.delta or module_key(target) in self.low_rank
 
     def target_numel(self, target: str) -> int:
         if target in self.delta:
@@ -125,7 +130,7 @@ class Mamba2MixerAdapter(nn.Module):
             add(mixer.out_proj.weight, lr.delta())
         if (lr := self._lr("conv1d")) is not None:
             add(mixer.conv1d.weight, lr.delta())
-        for name, param in (("norm", mixer.norm.weight), ("A_log", mixer.A_log), ("D", mixer.D),
-                            ("dt_bias", mixer.dt_bias)):
+        for name, param in (("norm", getattr(mixer.norm, "weight", None)), ("A_log", mixer.A_log),
+                            ("D", mixer.D), ("dt_bias", mixer.dt_bias)):
             if name in self.delta:
                 add(param, self.delta[name])

@@ -74,6 +74,8 @@ MODEL_TYPES: dict[str, MambaModelType] = {t.model_type: t for t in (
                    _T + "granitemoehybrid.modeling_granitemoehybrid:GraniteMoeHybridMambaLayer",
                    MambaFTMamba2Mixer, hybrid=True, packs=False,
                    example_checkpoint="ibm-granite/granite-4.0-h-tiny"),
+    MambaModelType("falcon_h1", "Falcon-H1", _T + "falcon_h1.modeling_falcon_h1:FalconH1Mixer",
+                   MambaFTMamba2Mixer, hybrid=True, example_checkpoint="tiiuae/Falcon-H1-1.5B-Instruct"),
     MambaModelType("zamba2", "Zamba2", _T + "zamba2.modeling_zamba2:Zamba2MambaMixer",
                    MambaFTMamba2Mixer, ignored_keywords=frozenset({"position_embeddings"}),
                    hybrid=True, example_checkpoint="Zyphra/Zamba2-1.2B"),

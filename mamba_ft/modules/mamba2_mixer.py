@@ -8,6 +8,9 @@ and every op goes through `mamba_ft.ops`. Layout, as transformers and mamba_ssm:
   conv1d runs over [x | B | C] (conv_dim channels), then silu
   x splits into heads of head_dim channels; head i reads B and C of group i // (heads / groups)
   SSD scan (dt_bias + softplus + time_step_limit, D skip) -> gated RMSNorm with z -> out_proj
+The hybrids' Mamba-2 mixers (docs/models.md) are the same computation, with Falcon-H1's muP
+scalings around in_proj and its norm options (none, or norm before the gate) read from the
+transformers mixer it replaces.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -44,7 +48,7 @@ class Mamba2MixerWeights:
     dt_bias: torch.Tensor  # (heads,)
     A_log: torch.Tensor  # (heads,)
     D: torch.Tensor  # (heads,)
-    norm_weight: torch.Tensor  # (d_inner,)
+    norm_weight: torch.Tensor | None  # (d_inner,); None for a mixer without a gated norm
     out_proj_weight: torch.Tensor | QuantizedWeight  # (hidden, d_inner)
     out_proj_bias: torch.Tensor | None
     in_proj_lora: LowRankPath | None = None
@@ -88,7 +92,9 @@ class MambaFTMamba2Mixer(nn.Module):
         self.in_proj = hf_mixer.in_proj
         self.dt_bias = hf_mixer.dt_bias
         self.A_log = hf_mixer.A_log
-        self.norm = MambaFTRMSNormGated(hf_mixer.norm)
+        # Falcon-H1 may have no norm at all (mamba_rms_norm false: y * silu(z)).
+        self.norm = (MambaFTRMSNormGated(hf_mixer.norm)
+                     if getattr(hf_mixer.norm, "weight", None) is not None else None)
         self.D = hf_mixer.D
         self.out_proj = hf_mixer.out_proj
         # Set by adapters; None means the raw weights are used.
@@ -101,6 +107,10 @@ class MambaFTMamba2Mixer(nn.Module):
         # Set by the swap from the model type's entry (`mamba_ft.models.model_types`): keywords
         # that model's blocks pass and a mixer has no use for.
         self.ignored_keywords: frozenset[str] = frozenset()
+        # Falcon-H1's muP scalings: the input is scaled before in_proj, and in_proj's output
+        # by a fixed per-row vector (a buffer the model fills; not in the state dict).
+        self.input_multiplier = float(getattr(hf_mixer, "ssm_in_multiplier", 1.0))
+        self.register_buffer("mup_vector", getattr(hf_mixer, "mup_vector", None), persistent=False)
 
     def raw_weights(self) -> Mamba2MixerWeights:
         return Mamba2MixerWeights(
@@ -111,7 +121,7 @@ class MambaFTMamba2Mixer(nn.Module):
             dt_bias=self.dt_bias,
             A_log=self.A_log,
             D=self.D,
-            norm_weight=self.norm.weight,
+            norm_weight=None if self.norm is None else self.norm.weight,
             out_proj_weight=projection_weight(self.out_proj),
             out_proj_bias=self.out_proj.bias,
         )
@@ -146,8 +156,12 @@ class MambaFTMamba2Mixer(nn.Module):
             conv_state = None if conv_state is None else conv_state[..., 1:].clone()
 
         hidden_states = _mask_padding(hidden_states, attention_mask)
+        if self.input_multiplier != 1.0:
+            hidden_states = hidden_states * self.input_multiplier
         projected = projections.rows(hidden_states, w.in_proj_weight, w.in_proj_bias,
                                      w.in_proj_lora)
+        if self.mup_vector is not None:
+            projected = projected * self.mup_vector.to(projected.dtype)
         gate, xBC, dt = projected.split(
             [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         A = -torch.exp(w.A_log.float())
@@ -171,8 +185,11 @@ class MambaFTMamba2Mixer(nn.Module):
             else:
                 y = self._ssm_branch(xBC, dt, w, A, conv_state, ssm_state, attention_mask,
                                      cache)
-        y = gated_rms_norm(y, gate, w.norm_weight, self.norm.variance_epsilon,
-                           self.intermediate_size // self.n_groups)
+        if self.norm is None:
+            y = y * F.silu(gate.float()).to(y.dtype)
+        else:
+            y = gated_rms_norm(y, gate, w.norm_weight, self.norm.variance_epsilon,
+                               self.norm.group_size, self.norm.norm_before_gate)
         return projections.rows(y.to(dtype), w.out_proj_weight, w.out_proj_bias, w.out_proj_lora)
 
     def _split_heads(self, xBC: torch.Tensor):

@@ -44,6 +44,16 @@ CONFIGS = {
                              mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8,
                              mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=8,
                              num_local_experts=0),
+    # muP multipliers off their 1.0 defaults so a missing one shows; no gated norm (the
+    # default); falcon_h1_norm below has one, normed before the gate.
+    "falcon_h1": dict(num_hidden_layers=2, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2,
+                      mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=8,
+                      mamba_d_ssm=64, head_dim=8, ssm_in_multiplier=0.7,
+                      ssm_multipliers=[0.5, 1.5, 0.8, 1.2, 0.9], ssm_out_multiplier=1.3),
+    "falcon_h1+norm": dict(num_hidden_layers=2, mamba_n_heads=8, mamba_d_head=8,
+                           mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+                           mamba_chunk_size=8, mamba_d_ssm=64, head_dim=8, mamba_rms_norm=True,
+                           mamba_norm_before_gate=True, ssm_in_multiplier=0.7),
     "falcon_mamba": dict(num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4,
                          mixer_rms_eps=1e-6),
     "zamba2": dict(num_hidden_layers=4, layers_block_type=["mamba", "hybrid", "mamba", "mamba"],
@@ -51,24 +61,31 @@ CONFIGS = {
                    mamba_d_conv=4, mamba_expand=2, chunk_size=8, attention_head_dim=8,
                    num_mem_blocks=1, use_shared_attention_adapter=False, use_mem_rope=False),
 }
-TYPES = sorted(CONFIGS)
-HYBRIDS = sorted(t for t in CONFIGS if MODEL_TYPES[t].hybrid)
+TYPES = sorted(CONFIGS)  # "type+variant" names a second configuration of one type
+
+
+def entry(name: str):
+    return MODEL_TYPES[name.split("+")[0]]
+
+
+HYBRIDS = sorted(t for t in CONFIGS if entry(t).hybrid)
 
 
 def plain(model_type: str, seed: int = 0):
     """transformers' own model, random init, with D (and Mamba-2's gated norm and dt bias) moved
     off their start values so a wrong path through them shows."""
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **_COMMON, **CONFIGS[model_type])
+    config = AutoConfig.for_model(model_type.split("+")[0], **_COMMON, **CONFIGS[model_type])
     model = AutoModelForCausalLM.from_config(config).float().eval()
-    mixer_class = MODEL_TYPES[model_type].transformers_mixer()
+    mixer_class = entry(model_type).transformers_mixer()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, mixer_class):
                 module.D.normal_()
                 if hasattr(module, "dt_bias"):  # the Mamba-2 mixers
-                    module.norm.weight.normal_(1.0, 0.2)
                     module.dt_bias.normal_(0.0, 0.5)
+                    if hasattr(module.norm, "weight"):  # Falcon-H1's may be absent
+                        module.norm.weight.normal_(1.0, 0.2)
     return model
 
 
@@ -79,13 +96,13 @@ def ids() -> torch.Tensor:
 
 
 def test_every_hybrid_in_this_file_is_a_registered_type():
-    assert {t for t, e in MODEL_TYPES.items() if e.hybrid} == set(HYBRIDS)
+    assert {t for t, e in MODEL_TYPES.items() if e.hybrid} == {t.split("+")[0] for t in HYBRIDS}
 
 
 @pytest.mark.parametrize("model_type", TYPES)
 def test_type_loads_with_mamba_ft_mixers_and_equals_plain_transformers(model_type, tmp_path, ids):
     reference = plain(model_type)
-    n_mamba = sum(isinstance(m, MODEL_TYPES[model_type].transformers_mixer())
+    n_mamba = sum(isinstance(m, entry(model_type).transformers_mixer())
                   for m in reference.modules())
     reference.save_pretrained(tmp_path)
     loaded = load_model(tmp_path, need_tokenizer=False)
@@ -93,7 +110,7 @@ def test_type_loads_with_mamba_ft_mixers_and_equals_plain_transformers(model_typ
     assert loaded.is_mamba and type(model) is type(reference)
     found = mixers(model)
     assert len(found) == n_mamba >= 2
-    assert all(type(m) is MODEL_TYPES[model_type].replacement for m in found)
+    assert all(type(m) is entry(model_type).replacement for m in found)
     # Every other layer is transformers' own, and every parameter keeps its name.
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in reference.named_parameters()]
     mask = torch.ones_like(ids)
@@ -115,7 +132,7 @@ def test_adapters_train_every_mamba_buffer_and_merge_to_plain_transformers(model
     reference.save_pretrained(tmp_path / "base")
     model = load_model(tmp_path / "base", need_tokenizer=False).model
     report = attach_adapters(model, AdapterConfig(targets=["all", "embeddings", "lm_head"], rank=3))
-    hybrid = MODEL_TYPES[model_type].hybrid
+    hybrid = entry(model_type).hybrid
     # A hybrid's report counts the adapted modules of each layer kind; `all` covers them all.
     coverage = [note for note in report.notes if note.startswith("hybrid model, adapted:")]
     assert len(coverage) == hybrid
@@ -138,7 +155,13 @@ def test_adapters_train_every_mamba_buffer_and_merge_to_plain_transformers(model
     zero = [n for n, p in adapter_parameters(model).items() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not zero, zero
     in_every_mixer = {r.target for r in report.rows if r.modules == len(mixers(model))}
-    assert set(family_of_model(mixers(model)).targets.aliases["all"]) <= in_every_mixer
+    expected = set(family_of_model(mixers(model)).targets.aliases["all"])
+    if getattr(mixers(model)[0], "norm", True) is None:  # Falcon-H1 without its gated norm
+        expected.discard("norm")
+        with pytest.raises(UserError, match="'norm' matches nothing.*have no norm"):
+            attach_adapters(load_model(tmp_path / "base", need_tokenizer=False).model,
+                            AdapterConfig(targets=["norm"], rank=2))
+    assert expected <= in_every_mixer and ("norm" in in_every_mixer) == ("norm" in expected)
     model.eval()
     with torch.no_grad():
         adapter_logits = model(ids).logits
@@ -207,7 +230,7 @@ def test_unknown_hybrid_target_names_both_vocabularies():
     assert not adapter_parameters(model)  # nothing half-attached
 
 
-@pytest.mark.parametrize("model_type", [t for t in HYBRIDS if MODEL_TYPES[t].packs])
+@pytest.mark.parametrize("model_type", [t for t in HYBRIDS if entry(t).packs])
 def test_packed_row_equals_its_documents_run_apart(model_type):
     """Two documents packed in one row, through the training step's packed path (Mamba layers
     inside `document_starts`, attention given restarting position ids and no mask): per-token
@@ -262,5 +285,5 @@ def test_packing_is_refused_where_attention_would_cross_documents():
     with pytest.raises(UserError, match="packing is not supported for Granite-4.0-H"):
         check_packing(model)
     for model_type in HYBRIDS:
-        if MODEL_TYPES[model_type].packs:
+        if entry(model_type).packs:
             check_packing(plain(model_type))  # no error
