@@ -65,6 +65,8 @@ MODEL_TYPES: dict[str, MambaModelType] = {t.model_type: t for t in (
                    causal_lm_class=_T + "falcon_mamba.modeling_falcon_mamba:FalconMambaForCausalLM",
                    norm_classes=(_T + "falcon_mamba.modeling_falcon_mamba:FalconMambaRMSNorm",),
                    example_checkpoint="tiiuae/falcon-mamba-7b"),
+    MambaModelType("jamba", "Jamba", _T + "jamba.modeling_jamba:JambaMambaMixer", MambaFTMixer,
+                   hybrid=True, example_checkpoint="ai21labs/AI21-Jamba-Mini-1.7"),
     MambaModelType("bamba", "Bamba", _T + "bamba.modeling_bamba:BambaMixer", MambaFTMamba2Mixer,
                    hybrid=True, example_checkpoint="ibm-ai-platform/Bamba-9B-v2"),
     MambaModelType("nemotron_h", "Nemotron-H",
@@ -84,7 +86,6 @@ MODEL_TYPES: dict[str, MambaModelType] = {t.model_type: t for t in (
 # Model types with Mamba mixers that mamba-ft does not serve yet: a clear refusal, not a
 # Transformer load that would leave transformers' mixers (and their raw-weight fused paths) in.
 NOT_YET = {
-    "jamba": "Jamba (Mamba-1 layers beside attention and MoE)",
     "zamba": "Zamba (Mamba-1 layers beside a shared attention block)",
     "falcon_h1": "Falcon-H1 (Mamba-2 layers with muP multipliers beside attention)",
 }

@@ -1,9 +1,9 @@
 """Replace transformers' Mamba mixers (and a pure Mamba's RMSNorms) by mamba-ft's, in place.
 
 Which transformers classes are replaced, and by what, is `mamba_ft.models.model_types`: the
-Mamba-1 mixer, the Mamba-2 mixer and the hybrids' Mamba-2 mixers (Bamba, Nemotron-H,
-Granite-4.0-H, Zamba2), whose gated norm the mixer takes over; and the pure Mamba models'
-`MambaRMSNorm` / `Mamba2RMSNorm` (the same formula) for their blocks' and final norms.
+Mamba-1 mixers (Mamba, FalconMamba, Jamba) and the Mamba-2 mixers (Mamba-2 and the hybrids'),
+whose gated norm the mixer takes over; and the pure Mamba models' RMSNorms (the same formula)
+for their blocks' and final norms.
 """
 
 from __future__ import annotations

@@ -102,6 +102,14 @@ class MambaFTMixer(nn.Module):
         # FalconMamba normalises dt, B and C (RMS over each position's R, N, N values, no
         # weight) before the scan; its mixer carries the epsilon, plain Mamba's does not.
         self.bcdt_rms_eps: float | None = getattr(hf_mixer, "rms_eps", None)
+        # Jamba normalises them with RMSNorms of their own, whose weights are in the state dict:
+        # kept under transformers' names (after out_proj, as transformers registers them).
+        if hasattr(hf_mixer, "dt_layernorm") and self.bcdt_rms_eps is None:
+            self.dt_layernorm = hf_mixer.dt_layernorm
+            self.b_layernorm = hf_mixer.b_layernorm
+            self.c_layernorm = hf_mixer.c_layernorm
+        else:
+            self.dt_layernorm = self.b_layernorm = self.c_layernorm = None
 
     def raw_weights(self) -> MixerWeights:
         # A bitsandbytes-quantised projection's .weight is packed bytes, never a matrix to read:
@@ -180,8 +188,7 @@ class MambaFTMixer(nn.Module):
         # the layout the scan reads. dt_proj's bias is added inside the scan, in fp32, with
         # the softplus.
         dt, B, C = torch.split(channels_first(x, w.x_proj_weight), [R, N, N], dim=1)
-        if self.bcdt_rms_eps is not None:
-            dt, B, C = (_weightless_rms(t, 1, self.bcdt_rms_eps) for t in (dt, B, C))
+        dt, B, C = self._normalize_dt_B_C(dt, B, C, dim=1)
         delta = channels_first(dt, w.dt_proj_weight)
         result = ops.selective_scan(
             x, delta, A, B, C,
@@ -194,14 +201,24 @@ class MambaFTMixer(nn.Module):
             cache_params.update_recurrent_state(last_state, self.layer_idx)
         return result
 
+    def _normalize_dt_B_C(self, dt, B, C, dim: int):
+        """FalconMamba's weightless or Jamba's weighted RMS norms of dt, B and C over their
+        channels (axis `dim`); plain Mamba has neither."""
+        if self.bcdt_rms_eps is not None:
+            return tuple(_weightless_rms(t, dim, self.bcdt_rms_eps) for t in (dt, B, C))
+        if self.dt_layernorm is None:
+            return dt, B, C
+        # transformers' norms act on the last axis: move the channels there and back.
+        return tuple(norm(t.movedim(dim, -1)).movedim(-1, dim) for norm, t in
+                     ((self.dt_layernorm, dt), (self.b_layernorm, B), (self.c_layernorm, C)))
+
     def _decode_step(self, x, z, w: MixerWeights, A, conv_state, ssm_state, cache_params):
         """One token with the cache: conv window and recurrent state advance by one."""
         R, N = self.time_step_rank, self.ssm_state_size
         cache_params.update_conv_state(x.unsqueeze(-1), self.layer_idx)
         x, _ = ops.causal_conv1d_step(x, conv_state, w.conv_weight, w.conv_bias)
         dt, B, C = torch.split(F.linear(x, w.x_proj_weight), [R, N, N], dim=-1)
-        if self.bcdt_rms_eps is not None:
-            dt, B, C = (_weightless_rms(t, -1, self.bcdt_rms_eps) for t in (dt, B, C))
+        dt, B, C = self._normalize_dt_B_C(dt, B, C, dim=-1)
         delta = F.linear(dt, w.dt_proj_weight)
         y, new_state = ops.selective_state_step(
             ssm_state, x, delta, A, B, C, D=w.D.float(), z=z, delta_bias=w.dt_bias.float(),
