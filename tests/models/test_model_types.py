@@ -290,3 +290,59 @@ def test_packing_is_refused_where_attention_would_cross_documents():
     for model_type in HYBRIDS:
         if entry(model_type).packs:
             check_packing(plain(model_type))  # no error
+
+
+def test_qlora_on_a_hybrid_quantises_its_mamba_projections_only(ids):
+    """model.quantize on a hybrid: the Mamba layers' in_proj / out_proj hold nf4 weights, the
+    attention and MLP stay as they were; with adapters everywhere the logits and gradients equal
+    the same model with the dequantised weights in plain Linears."""
+    import copy
+
+    pytest.importorskip("bitsandbytes")
+    from mamba_ft.models.quantize import QuantizeConfig, dequantize_model, quantize_model
+    from mamba_ft.modules.quantized import is_quantized
+
+    model = load_model(plain("nemotron_h").config.to_dict(), need_tokenizer=False, seed=0).model
+    try:
+        report = quantize_model(model, QuantizeConfig(kind="nf4"))
+    except UserError as exc:  # a bitsandbytes build without a backend for this CPU
+        pytest.skip(str(exc))
+    quantized = {n for n, m in model.named_modules() if is_quantized(m)}
+    assert quantized == {f"{n}.{p}" for n, m in model.named_modules() if m in mixers(model)
+                         for p in ("in_proj", "out_proj")}
+    assert report.rows["in_proj"][0] == len(mixers(model))
+    attach_adapters(model, AdapterConfig(targets=["all"], rank=2))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, p in sorted(adapter_parameters(model).items()):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    twin = copy.deepcopy(model)
+    dequantize_model(twin)
+    model(ids, labels=ids).loss.backward()
+    twin(ids, labels=ids).loss.backward()
+    ours = adapter_parameters(model)
+    for name, p in adapter_parameters(twin).items():
+        torch.testing.assert_close(ours[name].grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("model_type", HYBRIDS)
+def test_precision_policy_keeps_recurrence_norms_and_adapters_fp32_in_a_hybrid(model_type):
+    """bf16 autocast with the frozen base stored in bf16: every Mamba recurrence parameter, every
+    norm weight (the hybrids' own RMSNorms included) and every adapter stays fp32, the rest of
+    the frozen base goes to bf16."""
+    from mamba_ft.precision import PrecisionPolicy
+
+    model = load_model(plain(model_type).config.to_dict(), need_tokenizer=False, seed=0).model
+    attach_adapters(model, AdapterConfig(targets=["all"], rank=2))
+    PrecisionPolicy(mode="bf16", frozen_base="bf16").apply(model)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    adapters = set(adapter_parameters(model))
+    recurrence = {n for n in dtypes if n.endswith((".A_log", ".D", ".dt_bias", "dt_proj.bias"))}
+    norms = {n for n, m in model.named_modules() if "Norm" in type(m).__name__
+             for n in (f"{n}.weight",) if n in dtypes}
+    assert recurrence and norms
+    for name in adapters | recurrence | norms:
+        assert dtypes[name] == torch.float32, name
+    others = [n for n in dtypes if n not in adapters | recurrence | norms]
+    assert others and all(dtypes[n] == torch.bfloat16 for n in others), [
+        n for n in others if dtypes[n] != torch.bfloat16]
