@@ -109,8 +109,8 @@ def test_cli_missing_path(tmp_path):
 
 def test_cli_other_model_type(tmp_path, capsys):
     # A Mamba variant mamba-ft does not serve yet: the message lists what it does serve.
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "jamba", "hidden_size": 8}))
-    assert_clean_error(run_main(capsys, "info", str(tmp_path)), "'jamba'", "does not serve yet",
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "zamba", "hidden_size": 8}))
+    assert_clean_error(run_main(capsys, "info", str(tmp_path)), "'zamba'", "does not serve yet",
                        "Mamba ('mamba')", "Mamba-2 ('mamba2')", "Nemotron-H ('nemotron_h')")
     llama = tmp_path / "llama.json"
     llama.write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
