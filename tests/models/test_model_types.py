@@ -346,3 +346,16 @@ def test_precision_policy_keeps_recurrence_norms_and_adapters_fp32_in_a_hybrid(m
     others = [n for n in dtypes if n not in adapters | recurrence | norms]
     assert others and all(dtypes[n] == torch.bfloat16 for n in others), [
         n for n in others if dtypes[n] != torch.bfloat16]
+
+
+def test_info_describes_a_hybrid_and_its_targets(tmp_path, capsys):
+    """`mamba-ft info` on a hybrid: its type, how many layers are Mamba, the Mamba targets, and
+    the attention / MLP Linears LoRA can reach, counted as the attach report counts them."""
+    from mamba_ft.cli import main
+
+    plain("nemotron_h").save_pretrained(tmp_path)
+    main(["info", str(tmp_path / "config.json")])
+    out = capsys.readouterr().out
+    assert "Nemotron-H (mamba-ft Mamba-2 mixers: 2 of 4 layers)" in out
+    assert "in_proj.z" in out and "attention = 4 Linears (k_proj, o_proj, q_proj, v_proj)" in out
+    assert "mlp = 2 Linears (down_proj, up_proj)" in out
