@@ -61,6 +61,13 @@ def causal_conv1d_step(x, conv_state, weight, bias=None, activation="silu"):
     return fn(x, conv_state, weight, bias, activation=activation)
 
 
+def gated_rms_norm_fn(x, gate, weight, eps, group_size, norm_before_gate=False):
+    """Gated grouped RMSNorm, same semantics as `mamba_ft.ops.reference.gated_rms_norm`."""
+    from mamba_ft.kernels.gated_rms_norm import gated_rms_norm_fn as fn
+
+    return fn(x, gate, weight, eps, group_size, norm_before_gate)
+
+
 def rms_norm_fn(x, weight, eps):
     """RMSNorm over the last axis, same semantics as `mamba_ft.ops.reference.rms_norm`."""
     from mamba_ft.kernels.rms_norm import rms_norm_fn as fn

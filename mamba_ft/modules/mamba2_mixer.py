@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from mamba_ft import ops
 from mamba_ft.modules.forward_contract import (OUTPUT_ONLY_KEYWORDS, one_cache,
                                                refuse_recording_cache, refuse_unknown_keywords)
-from mamba_ft.modules.gated_rms_norm import MambaFTRMSNormGated, gated_rms_norm
+from mamba_ft.modules.gated_rms_norm import MambaFTRMSNormGated
 from mamba_ft.modules.quantized import projection_weight
 from mamba_ft.ops import projections
 from mamba_ft.ops.projections import LowRankPath, QuantizedWeight
@@ -188,8 +188,8 @@ class MambaFTMamba2Mixer(nn.Module):
         if self.norm is None:
             y = y * F.silu(gate.float()).to(y.dtype)
         else:
-            y = gated_rms_norm(y, gate, w.norm_weight, self.norm.variance_epsilon,
-                               self.norm.group_size, self.norm.norm_before_gate)
+            y = ops.gated_rms_norm(y, gate, w.norm_weight, self.norm.variance_epsilon,
+                                   self.norm.group_size, self.norm.norm_before_gate)
         return projections.rows(y.to(dtype), w.out_proj_weight, w.out_proj_bias, w.out_proj_lora)
 
     def _split_heads(self, xBC: torch.Tensor):

@@ -6,9 +6,9 @@ Modules call these names only; `dispatch` picks the Triton kernels (`mamba_ft.ke
 CUDA tensors and the reference elsewhere.
 """
 
-from mamba_ft.ops.dispatch import (causal_conv1d, causal_conv1d_step,
+from mamba_ft.ops.dispatch import (causal_conv1d, causal_conv1d_step, gated_rms_norm,
                                    mamba_chunk_scan_combined, rms_norm, selective_scan,
                                    selective_state_step, ssd_state_step, use_fused)
 
-__all__ = ["causal_conv1d", "causal_conv1d_step", "mamba_chunk_scan_combined", "rms_norm",
-           "selective_scan", "selective_state_step", "ssd_state_step", "use_fused"]
+__all__ = ["causal_conv1d", "causal_conv1d_step", "gated_rms_norm", "mamba_chunk_scan_combined",
+           "rms_norm", "selective_scan", "selective_state_step", "ssd_state_step", "use_fused"]

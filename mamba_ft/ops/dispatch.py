@@ -54,6 +54,15 @@ def rms_norm(x, weight, eps):
     return reference.rms_norm(x, weight, eps)
 
 
+def gated_rms_norm(x, gate, weight, eps, group_size, norm_before_gate=False):
+    """Mamba-2's gated, grouped RMSNorm; see `mamba_ft.ops.reference.gated_rms_norm`."""
+    if use_fused(x):
+        from mamba_ft.kernels import gated_rms_norm_fn
+
+        return gated_rms_norm_fn(x, gate, weight, eps, group_size, norm_before_gate)
+    return reference.gated_rms_norm(x, gate, weight, eps, group_size, norm_before_gate)
+
+
 def _decode_kernel_applies(*tensors) -> bool:
     # The one-token kernels are forward only: with a gradient to compute, the differentiable
     # reference steps run instead.

@@ -1,4 +1,5 @@
-"""Pure-PyTorch Mamba-1 ops: the CPU path and the oracle the Triton kernels are tested against.
+"""Pure-PyTorch Mamba-1 ops and the norms (RMSNorm, Mamba-2's gated RMSNorm): the CPU path and
+the oracle the Triton kernels are tested against (Mamba-2's SSD scan is `ssd_reference`).
 
 Layouts follow mamba_ssm so the two are interchangeable:
   u, delta, z: (batch, d, L)     A: (d, N) fp32     B, C: (batch, N, L)     D, delta_bias: (d,)
@@ -273,3 +274,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     variance = h.pow(2).mean(-1, keepdim=True)
     h = h * torch.rsqrt(variance + eps)
     return weight * h.to(input_dtype)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                   group_size: int, norm_before_gate: bool = False) -> torch.Tensor:
+    """weight * RMSNorm_per_group(x * silu(gate)), statistics in fp32. x, gate: (..., d).
+
+    `norm_before_gate` (Falcon-H1's option): (weight * RMSNorm_per_group(x)) * silu(gate),
+    weight and gate applied in fp32 before the cast back, as transformers' FalconH1 computes it.
+    """
+    input_dtype = x.dtype
+    h = x.float()
+    if gate is not None and not norm_before_gate:
+        h = h * F.silu(gate.float())
+    *prefix, d = h.shape
+    grouped = h.view(*prefix, d // group_size, group_size)
+    grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+    if norm_before_gate:
+        out = weight.float() * grouped.view(*prefix, d)
+        return (out if gate is None else out * F.silu(gate.float())).to(input_dtype)
+    return weight * grouped.view(*prefix, d).to(input_dtype)
