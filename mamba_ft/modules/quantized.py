@@ -61,15 +61,23 @@ def _quant_state(module: nn.Module):
     return state
 
 
-def _int8_row_scales(module: nn.Module) -> torch.Tensor:
+def _int8_row_scales(module: nn.Module, device: torch.device) -> torch.Tensor:
     # Before the module's first forward the row scales sit on the weight; bitsandbytes' forward
     # (init_8bit_state) moves them into module.state. Either place is valid.
-    scb = getattr(module.weight, "SCB", None)
-    if scb is None:
-        scb = module.state.SCB
+    on_weight = getattr(module.weight, "SCB", None) is not None
+    scb = module.weight.SCB if on_weight else module.state.SCB
     if scb is None:
         raise RuntimeError("Linear8bitLt has no row scales (SCB): its weight was never quantised "
                            "(bitsandbytes quantises on the first .to(device)).")
+    if scb.device != device:
+        # bitsandbytes 0.50 moves an already quantised Int8Params' matrix with the module but
+        # leaves its row scales where they were (a model quantised on the CPU, then moved to
+        # the GPU by Accelerate): move them once, where they are kept.
+        scb = scb.to(device)
+        if on_weight:
+            module.weight.SCB = scb
+        else:
+            module.state.SCB = scb
     return scb
 
 
@@ -102,7 +110,7 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype | None = None) -> t
     bnb = _bnb()
     if isinstance(module, bnb.nn.Linear8bitLt):
         CB = module.weight.data if module.weight.data.dtype == torch.int8 else module.state.CB
-        w = bnb.functional.int8_vectorwise_dequant(CB, _int8_row_scales(module))
+        w = bnb.functional.int8_vectorwise_dequant(CB, _int8_row_scales(module, CB.device))
     else:
         _unpack_cpu_layout(module)
         w = _dequantize_4bit_flat(bnb, module.weight.data, _quant_state(module))
