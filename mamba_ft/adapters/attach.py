@@ -92,7 +92,9 @@ def attach_adapters(model: nn.Module, config: AdapterConfig) -> AdapterReport:
             mamba_config = _restricted(config, mamba_targets, family.targets)
         rows, module_targets = _attach_mamba(model, mamba_config, family)
         if hybrid_modules:
-            lora_rows, peft_config = hybrid.attach_lora(model, config, hybrid_modules)
+            from mamba_ft.adapters.baseline import inject_lora
+
+            lora_rows, peft_config = inject_lora(model, config, hybrid_modules)
             rows += lora_rows
             module_targets.update(hybrid_modules)
         record = Attached(config, True, flags, peft_config=peft_config, module_targets=module_targets,

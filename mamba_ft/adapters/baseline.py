@@ -72,9 +72,16 @@ def resolve_module_targets(model: nn.Module, config: AdapterConfig) -> dict[str,
 
 
 def attach_peft(model: nn.Module, config: AdapterConfig):
+    module_targets = resolve_module_targets(model, config)
+    rows, peft_config = inject_lora(model, config, module_targets)
+    return rows, peft_config, module_targets
+
+
+def inject_lora(model: nn.Module, config: AdapterConfig, module_targets: dict[str, str]):
+    """PEFT LoRA in exactly the modules named (full name -> target); (report rows, LoraConfig).
+    A Transformer baseline's every target goes here, a hybrid's attention / MLP ones too."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    module_targets = resolve_module_targets(model, config)
     rank_pattern = {name: config.rank_for(t) for name, t in module_targets.items()
                     if config.rank_for(t) != config.rank}
     peft_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
@@ -87,7 +94,7 @@ def attach_peft(model: nn.Module, config: AdapterConfig):
         row = counts.setdefault(target, [0, 0])
         row[0] += 1
         row[1] += sum(p.numel() for n, p in modules[name].named_parameters() if "lora_" in n)
-    return [ReportRow(t, c[0], c[1]) for t, c in counts.items()], peft_config, module_targets
+    return [ReportRow(t, c[0], c[1]) for t, c in counts.items()], peft_config
 
 
 def unload_peft(model: nn.Module, merge: bool) -> None:

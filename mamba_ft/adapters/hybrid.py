@@ -1,5 +1,5 @@
 """The layers of a hybrid that are not Mamba (attention, MLP / MoE): which Linears they hold, and
-PEFT LoRA on the ones a configuration names.
+which of them a configuration names (PEFT LoRA goes into those: `baseline.inject_lora`).
 
 A hybrid's Mamba mixers take mamba-ft's adapters (their family's targets, `families.py`); its
 attention and MLP Linears are called as modules by transformers' forward, so PEFT's LoRA layers
@@ -17,7 +17,6 @@ from __future__ import annotations
 from torch import nn
 
 from mamba_ft.adapters.config import HYBRID_KINDS, AdapterConfig, TargetFamily
-from mamba_ft.adapters.report import ReportRow
 from mamba_ft.errors import UserError, did_you_mean
 
 _KIND_SUFFIXES = {"attention": ("Attention",), "mlp": ("MLP", "MoE")}
@@ -83,25 +82,6 @@ def split_targets(config: AdapterConfig, family: TargetFamily,
         for name in chosen:
             modules.setdefault(name, target)
     return mamba, modules
-
-
-def attach_lora(model: nn.Module, config: AdapterConfig, modules: dict[str, str]):
-    """Inject PEFT LoRA into exactly `modules` (full names); returns (report rows, LoraConfig)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    rank_pattern = {name: config.rank_for(t) for name, t in modules.items()
-                    if config.rank_for(t) != config.rank}
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                      target_modules=sorted(modules), rank_pattern=rank_pattern,
-                      task_type="CAUSAL_LM")
-    inject_adapter_in_model(lora, model)
-    counts: dict[str, list[int]] = {}
-    named = dict(model.named_modules())
-    for name, target in modules.items():
-        row = counts.setdefault(target, [0, 0])
-        row[0] += 1
-        row[1] += sum(p.numel() for n, p in named[name].named_parameters() if "lora_" in n)
-    return [ReportRow(t, c[0], c[1]) for t, c in counts.items()], lora
 
 
 def coverage(linears: dict[str, str], modules: dict[str, str], n_mixers: int,
