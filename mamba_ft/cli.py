@@ -147,7 +147,7 @@ def _icl(args):
 
 
 def _paper(args):
-    from mamba_ft.evaluation.paper import main_from_cli
+    from mamba_ft.paper import main_from_cli
 
     main_from_cli(args)
 
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("paper", help="Halloran et al.'s experiment: fine-tune a Mamba and a Transformer "
                                      "with MPFT+PEFT, ICL gain ratio before and after, cost, drift (docs/icl.md)")
-    # Numbers arrive as text and are checked in evaluation/paper.py: a bad value is one
+    # Numbers arrive as text and are checked in mamba_ft/paper.py: a bad value is one
     # `mamba-ft: error:` line like every other mistake, not argparse's usage block.
     p.add_argument("--mamba", default="bundled:tiny-mamba", help="the Mamba (default: bundled:tiny-mamba)")
     p.add_argument("--transformer", default="bundled:tiny-gpt-neox",
@@ -236,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", default="256", help="tokens per training example")
     p.add_argument("--rank", default="8", help="LoRA rank (alpha = 2 x rank)")
     p.add_argument("--seed", default="0", help="training seed (data order, init of the adapters)")
+    p.add_argument("--batch-size", default="8", help="evaluation batch size of the ICL sweeps")
     p.add_argument("--online", action="store_true", help="let models and datasets come from the Hugging Face Hub")
     p.add_argument("--out", default=None, help="directory for results.json, results.md, the runs and sweeps")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")

@@ -126,3 +126,25 @@ def completion_rows(rng: random.Random, rule: Callable[[str], str], n: int) -> l
     """`n` zero-shot rows in the recipe's completion format: prompt 'Q: w A:', completion ' out'."""
     return [{"prompt": query_prompt(w), "completion": f" {rule(w)}\n"}
             for w in (random_word(rng) for _ in range(n))]
+
+
+# The instruction of `instruction_rows`; the bundled tokenizer was trained with this sentence.
+INSTRUCTION = "Apply the rule to the word."
+
+
+def instruction_rows(rng: random.Random, n: int, n_demos: tuple[int, int] = (1, 5)) -> list[dict]:
+    """`n` instruction-tuning rows in the recipe's alpaca format, each one in-context task.
+
+    `input` holds a few demonstration lines of a random rule, then the query prompt; `output`
+    is the rule's answer to the query as the corpus writes it (' ' + output + newline, the
+    tokens the ICL tasks score). A model tuned on them practises reading a rule off examples,
+    but inside an instruction template the ICL tasks never show. The query is drawn as in
+    `make_query`, so its answer names exactly one rule.
+    """
+    rows = []
+    for _ in range(n):
+        rule = rng.choice(sorted(RULES))
+        word, answer, _ = make_query(rng, rule)
+        prompt = few_shot_prompt(rng, rule, rng.randint(*n_demos), word)
+        rows.append({"instruction": INSTRUCTION, "input": prompt, "output": f" {answer}\n"})
+    return rows

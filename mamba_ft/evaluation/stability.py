@@ -2,7 +2,7 @@
 input change forward: the measurements behind "Mamba is as robust to mixed precision as a
 Transformer" (Halloran et al., docs/precision.md).
 
-Two probes, for any causal LM (a Mamba or a Transformer, with or without adapters):
+Three probes, for any causal LM (a Mamba or a Transformer, with or without adapters):
 
 - `precision_divergence`: the same tokens through the model in fp32 and in a lower precision
   (bf16 / fp16, as autocast over fp32 weights or as the weights themselves cast), compared per
@@ -12,8 +12,10 @@ Two probes, for any causal LM (a Mamba or a Transformer, with or without adapter
   resulting deviation of every layer's hidden state at each later position. The slope of its
   logarithm against the distance is an empirical largest-Lyapunov-exponent estimate: negative
   where the dynamics forget the perturbation, positive where they amplify it.
+- `model_drift`: two models (the same recipe fine-tuned in fp32 and in bf16) on the same tokens,
+  both in fp32, compared per position with the same two measures.
 
-Both work on the model's own forward; `perturbation_growth` takes any function from input
+All work on the model's own forward; `perturbation_growth` takes any function from input
 embeddings to per-layer hidden states, so it can be checked on a recurrence whose exponent is
 known.
 """
@@ -73,17 +75,59 @@ def precision_divergence(model, input_ids: torch.Tensor, precision: str = "bf16"
         low_logits, low_states = _forward(low_model, input_ids, context)
     finally:
         model.train(was_training)
-    ref_logp = F.log_softmax(ref_logits.float(), dim=-1)
-    low_logp = F.log_softmax(low_logits.float(), dim=-1)
-    kl = (ref_logp.exp() * (ref_logp - low_logp)).sum(-1)  # (batch, L)
-    rel = ((low_logits.float() - ref_logits.float()).norm(dim=-1)
-           / ref_logits.float().norm(dim=-1).clamp_min(1e-12))
+    kl, rel = compare_logits(ref_logits, low_logits)
     state_rel = None
     if ref_states:
         state_rel = [float((low.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
                      for ref, low in zip(ref_states, low_states)]
     return Divergence(precision=precision, how=how, kl=kl.mean(0).tolist(),
                       logit_rel_error=rel.mean(0).tolist(), state_rel_error=state_rel)
+
+
+def compare_logits(ref_logits: torch.Tensor, other_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (row, position): KL(p_ref || p_other) of the next-token distributions in nats, and
+    the relative error ||other - ref|| / ||ref|| of the logits.
+
+    Computed in float64: a KL of 1e-6 is the sum of terms p·(log p − log q) whose first-order
+    parts cancel, and float32 log-probabilities (errors ~1e-6 for logits ~10) leave it tens of
+    percent off; precision drift is measured exactly at that size.
+    """
+    ref, other = ref_logits.double(), other_logits.double()
+    ref_logp, other_logp = F.log_softmax(ref, dim=-1), F.log_softmax(other, dim=-1)
+    kl = (ref_logp.exp() * (ref_logp - other_logp)).sum(-1)
+    rel = (other - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-12)
+    return kl, rel
+
+
+@dataclass
+class Drift:
+    """Two models on the same tokens, with no autocast: how far the second's outputs lie from the
+    first's, per position (averaged over the rows)."""
+
+    kl: list[float]  # KL(p_reference || p_other) in nats
+    logit_rel_error: list[float]  # ||logits_other - logits_reference|| / ||logits_reference||
+
+    def summary(self) -> dict:
+        return {"mean_kl": sum(self.kl) / len(self.kl), "max_kl": max(self.kl),
+                "mean_logit_rel_error": sum(self.logit_rel_error) / len(self.logit_rel_error)}
+
+
+@torch.no_grad()
+def model_drift(reference, other, input_ids: torch.Tensor) -> Drift:
+    """How far `other` (e.g. a model fine-tuned in bf16) has moved from `reference` (the same
+    recipe fine-tuned in fp32): both run with no autocast, in their weights' dtype (fp32 for
+    fp32 weights), so what is measured is the difference their weights make, not the precision
+    of this forward."""
+    logits = []
+    for model in (reference, other):
+        was_training = model.training
+        model.eval()
+        try:
+            logits.append(_forward(model, input_ids, contextlib.nullcontext())[0])
+        finally:
+            model.train(was_training)
+    kl, rel = compare_logits(*logits)
+    return Drift(kl=kl.mean(0).tolist(), logit_rel_error=rel.mean(0).tolist())
 
 
 def _forward(model, input_ids, context):

@@ -91,7 +91,7 @@ def run_icl_sweep(
         raise UserError("The ICL sweep needs lm-eval; install it with `pip install 'mamba-ft[eval]'`.") from None
     from mamba_ft.evaluation.tasks import load_tasks, offline_hub, parse_task_list, resolve_tasks, task_manager
 
-    shots, seeds = _check_shots_seeds(shots, seeds)
+    shots, seeds = check_shots_seeds(shots, seeds)
     if isinstance(bootstrap_iters, bool) or not isinstance(bootstrap_iters, int) or bootstrap_iters < 0:
         raise UserError(f"bootstrap_iters {bootstrap_iters!r} must be a whole number >= 0 (0 turns "
                         f"lm-eval's standard errors off; default {DEFAULT_BOOTSTRAP_ITERS}).")
@@ -102,7 +102,7 @@ def run_icl_sweep(
     with offline_hub(enabled=not online), _quiet_lm_eval():
         manager = task_manager(names)
         specs = resolve_tasks(names, manager, local_data)
-        _check_sources(models, online)
+        check_sources(models, online)
         loaded_tasks = load_tasks(specs, manager)
         task_metrics = {name: metric for name, (_, metric) in loaded_tasks.items()}
         scores: list[dict] = []
@@ -127,7 +127,7 @@ def run_icl_sweep(
     return result
 
 
-def _check_shots_seeds(shots, seeds) -> tuple[list[int], list[int]]:
+def check_shots_seeds(shots, seeds) -> tuple[list[int], list[int]]:
     shots = sorted(dict.fromkeys(int(k) for k in shots))
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     if shots and shots[0] < 0:
@@ -167,7 +167,7 @@ def _check_models(models: list[ModelSpec], baseline: str | None) -> list[ModelSp
     return models
 
 
-def _check_sources(models: list[ModelSpec], online: bool) -> None:
+def check_sources(models: list[ModelSpec], online: bool) -> None:
     # Fail on a wrong path before any model is loaded or evaluated.
     from huggingface_hub import try_to_load_from_cache
 
@@ -372,9 +372,9 @@ def main_from_cli(args) -> SweepResult:
     result = run_icl_sweep(
         parse_model_args(args.model, args.adapter, args.tokenizer),
         tasks=args.tasks,
-        shots=_int_list(args.shots, "--shots"),
-        seeds=_int_list(args.seeds, "--seeds"),
-        limit=_limit(args.limit),
+        shots=parse_int_list(args.shots, "--shots"),
+        seeds=parse_int_list(args.seeds, "--seeds"),
+        limit=parse_limit(args.limit),
         out_dir=args.out,
         baseline=args.baseline,
         batch_size=int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size,
@@ -394,7 +394,7 @@ def main_from_cli(args) -> SweepResult:
     return result
 
 
-def _limit(value: float | None) -> int | float | None:
+def parse_limit(value: float | None) -> int | float | None:
     # lm-eval reads a float below 1 as a fraction of the documents and anything else as a count.
     if value is None:
         return None
@@ -403,7 +403,7 @@ def _limit(value: float | None) -> int | float | None:
     return int(value) if value >= 1 else value
 
 
-def _int_list(text: str, option: str) -> list[int]:
+def parse_int_list(text: str, option: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
