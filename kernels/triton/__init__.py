@@ -36,6 +36,17 @@ def selective_scan_fn(*args, **kwargs):
     return fn(*args, **kwargs)
 
 
+def mamba_chunk_scan_combined(*args, **kwargs):
+    """Drop-in for mamba_ssm's Mamba-2 `mamba_chunk_scan_combined`: its positional order and
+    layouts, with mamba-ft's `reset` keyword-only, semantics of
+    `mamba_ft.ops.ssd_reference.mamba_chunk_scan_combined`. Forwarded as given to the kernel's
+    own (`ssd.mamba_chunk_scan_combined`), imported on first call so that importing this
+    package needs no Triton."""
+    from mamba_ft.kernels.ssd import mamba_chunk_scan_combined as fn
+
+    return fn(*args, **kwargs)
+
+
 def causal_conv1d_fn(x, weight, bias=None, initial_state=None, reset=None, activation="silu",
                      return_final_state=False):
     """Causal depthwise conv1d, same semantics as `mamba_ft.ops.reference.causal_conv1d`."""

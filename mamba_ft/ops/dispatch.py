@@ -96,14 +96,14 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
                               dt_softplus=False, dt_limit=(0.0, float("inf")),
                               return_final_states=False, return_varlen_states=False, *,
                               reset=None):
-    """Mamba-2's SSD chunked scan; see `mamba_ft.ops.ssd_reference.mamba_chunk_scan_combined`.
-
-    The reference runs on every device for now: mamba-ft has no Triton SSD kernel yet
-    (docs/mamba2.md), so this is the one place a kernel will be plugged in.
-    """
-    return ssd_reference.mamba_chunk_scan_combined(
-        x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
-        dt_softplus, dt_limit, return_final_states, return_varlen_states, reset=reset)
+    """Mamba-2's SSD chunked scan; see `mamba_ft.ops.ssd_reference.mamba_chunk_scan_combined`
+    (the Triton kernels, `mamba_ft.kernels.ssd`, on CUDA)."""
+    if use_fused(x):
+        from mamba_ft.kernels import mamba_chunk_scan_combined as scan
+    else:
+        scan = ssd_reference.mamba_chunk_scan_combined
+    return scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
+                dt_softplus, dt_limit, return_final_states, return_varlen_states, reset=reset)
 
 
 def ssd_state_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
