@@ -65,6 +65,15 @@ def selective_state_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=No
               delta_softplus=delta_softplus)
 
 
+def ssd_state_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                   dt_limit=(0.0, float("inf"))):
+    """Mamba-2's one-token SSD step (no gradient), same semantics as the reference's."""
+    from mamba_ft.kernels.decode_steps import ssd_state_step as fn
+
+    return fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+              dt_limit=dt_limit)
+
+
 def causal_conv1d_step(x, conv_state, weight, bias=None, activation="silu"):
     """One-token conv step (no gradient), same semantics as the reference's."""
     from mamba_ft.kernels.decode_steps import causal_conv1d_step as fn

@@ -108,7 +108,10 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
 
 def ssd_state_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
                    dt_limit=(0.0, float("inf"))):
-    """One decoding step of the SSD scan; see `mamba_ft.ops.ssd_reference.ssd_state_step`
-    (the reference on every device until a decode kernel exists)."""
-    return ssd_reference.ssd_state_step(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
-                                        dt_softplus=dt_softplus, dt_limit=dt_limit)
+    """One decoding step of the SSD scan; see `mamba_ft.ops.ssd_reference.ssd_state_step`."""
+    if _decode_kernel_applies(x, state, dt, A, B, C, D, z, dt_bias):
+        from mamba_ft.kernels import ssd_state_step as step
+    else:
+        step = ssd_reference.ssd_state_step
+    return step(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                dt_limit=dt_limit)

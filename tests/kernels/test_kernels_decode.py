@@ -1,4 +1,5 @@
-"""The one-token Triton steps against `mamba_ft.ops.reference`'s, and decoding through them.
+"""The one-token Triton steps against `mamba_ft.ops.reference`'s (and Mamba-2's against
+`mamba_ft.ops.ssd_reference.ssd_state_step`), and decoding through them.
 
 Runs under TRITON_INTERPRET=1 in a child process without a GPU (see kernel_interpreter.py),
 compiled and in-process with one. Tolerances as in test_kernels_scan.py: fp32 rtol 6e-4 /
@@ -15,10 +16,11 @@ from kernel_interpreter import DEVICE, IN_PROCESS, in_process, run_file_under_in
 
 from mamba_ft import ops
 from mamba_ft.ops import dispatch
-from mamba_ft.ops import reference
+from mamba_ft.ops import reference, ssd_reference
 
 if IN_PROCESS:
-    from mamba_ft.kernels.decode_steps import causal_conv1d_step, selective_state_step
+    from mamba_ft.kernels.decode_steps import (causal_conv1d_step, selective_state_step,
+                                               ssd_state_step)
 
 FP32 = dict(rtol=6e-4, atol=2e-3)
 BF16 = dict(rtol=3e-2, atol=5e-2)
@@ -40,6 +42,26 @@ def check_state_steps(batch, d, N, dtype, tol, *, D=True, z=True, bias=True, sof
         kw = dict(D=Dv, z=zv if z else None, delta_bias=bv, delta_softplus=softplus)
         y, state = selective_state_step(state, u, delta, A, B, C, **kw)
         y_ref, state_ref = reference.selective_state_step(state_ref, u, delta, A, B, C, **kw)
+        assert y.dtype == dtype and state.dtype == torch.float32
+        torch.testing.assert_close(y.float(), y_ref.float(), **tol, msg=lambda m: f"y, step {step}: {m}")
+        torch.testing.assert_close(state, state_ref, **FP32, msg=lambda m: f"state, step {step}: {m}")
+
+
+def check_ssd_steps(batch, heads, groups, P, N, dtype, tol, *, D="head", z=True, bias=True,
+                    softplus=True, limit=(0.0, float("inf"))):
+    """Ten Mamba-2 steps in a row: heads read their group's B and C; D per head or channel."""
+    g = torch.Generator().manual_seed(2)
+    A = -torch.rand(heads, generator=g).to(DEVICE) * 4 - 0.1
+    Dv = {"head": _randn(g, heads), "channel": _randn(g, heads, P), None: None}[D]
+    bv = _randn(g, heads, scale=0.5) if bias else None
+    state = state_ref = _randn(g, batch, heads, P, N)
+    for step in range(10):
+        x, zv = _randn(g, batch, heads, P, dtype=dtype), _randn(g, batch, heads, P, dtype=dtype)
+        dt = _randn(g, batch, heads, dtype=dtype)
+        B, C = _randn(g, batch, groups, N, dtype=dtype), _randn(g, batch, groups, N, dtype=dtype)
+        kw = dict(D=Dv, z=zv if z else None, dt_bias=bv, dt_softplus=softplus, dt_limit=limit)
+        y, state = ssd_state_step(state, x, dt, A, B, C, **kw)
+        y_ref, state_ref = ssd_reference.ssd_state_step(state_ref, x, dt, A, B, C, **kw)
         assert y.dtype == dtype and state.dtype == torch.float32
         torch.testing.assert_close(y.float(), y_ref.float(), **tol, msg=lambda m: f"y, step {step}: {m}")
         torch.testing.assert_close(state, state_ref, **FP32, msg=lambda m: f"state, step {step}: {m}")
@@ -87,6 +109,19 @@ def test_conv_step_without_bias_or_activation():
 
 
 @in_process
+@pytest.mark.parametrize("heads,groups,P,N", [(4, 1, 8, 16), (6, 2, 5, 7), (2, 2, 16, 4)])
+def test_ssd_step_fp32_matches_reference(heads, groups, P, N):
+    check_ssd_steps(2, heads, groups, P, N, torch.float32, FP32)
+
+
+@in_process
+def test_ssd_step_options_and_limits():
+    check_ssd_steps(1, 4, 2, 8, 8, torch.float32, FP32, D="channel", limit=(0.01, 0.5))
+    check_ssd_steps(1, 4, 1, 8, 8, torch.float32, FP32, D=None, z=False, bias=False,
+                    softplus=False, limit=(0.001, float("inf")))
+
+
+@in_process
 def test_ops_use_the_kernels_only_without_gradient(monkeypatch):
     """Generation (no grad) goes through the kernels on a device where they run; a step that
     needs a gradient keeps the differentiable reference."""
@@ -104,6 +139,12 @@ def test_ops_use_the_kernels_only_without_gradient(monkeypatch):
     assert calls == [1]
     ops.causal_conv1d_step(x, state, w.requires_grad_())
     assert calls == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32), (torch.bfloat16, BF16)])
+def test_ssd_step_gpu_real_shapes(dtype, tol):
+    check_ssd_steps(4, 64, 1, 64, 128, dtype, tol)  # Mamba-2-1.3B's layer
 
 
 @pytest.mark.gpu
