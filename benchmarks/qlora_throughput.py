@@ -7,7 +7,8 @@ an `Accelerator(mixed_precision="bf16")`, the fp32 chunked next-token loss, back
 AdamW step, at L 2048 on random token ids, LoRA rank 8 on every target
 (`AdapterConfig(targets=["all"], rank=8)`), through the fused kernels.
 
-Bases (each with and without `set_recompute_ssm`, at every --batch):
+Bases (each with each --recompute setting: none, `set_recompute_ssm`, or whole blocks
+checkpointed as `model.checkpoint_blocks` does; default none and ssm; at every --batch):
 - bf16-frozen: the frozen base stored in bf16 (`precision.frozen_base: bf16`);
 - nf4: the mixers' in_proj / out_proj quantised to nf4 (double quantisation, compute dtype
   bf16; `QuantizeConfig(kind="nf4")`), the rest of the frozen base in bf16;
@@ -168,7 +169,12 @@ def error_text(exc: BaseException) -> str:
 
 # --- mamba-ft rows ----------------------------------------------------------------------------
 
-def build_row_model(master, base: str, recompute: bool, device: torch.device):
+# What the backward recomputes: nothing, each mixer's SSM branch (model.recompute_ssm), or
+# each whole block (model.checkpoint_blocks); the table's "options" column.
+RECOMPUTE_OPTIONS = {"none": "", "ssm": "recompute", "blocks": "checkpoint blocks"}
+
+
+def build_row_model(master, base: str, recompute: str, device: torch.device):
     """A copy of `master` on `device`, quantised as `base` says, adapters attached, the bf16
     precision policy applied (training/setup.py's order). Returns (model, facts)."""
     from mamba_ft.adapters import AdapterConfig, attach_adapters
@@ -184,8 +190,10 @@ def build_row_model(master, base: str, recompute: bool, device: torch.device):
         facts["double_quant"] = report.double_quant
     # Counted before the adapters exist: the base alone (bitsandbytes' statistics included).
     facts["base_bytes"] = base_weight_bytes(model)
-    if recompute:
+    if recompute == "ssm":
         set_recompute_ssm(model, True)
+    elif recompute == "blocks":  # the recipe's model.checkpoint_blocks (training/setup.py)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     attach_adapters(model, AdapterConfig(targets=["all"], rank=8))
     PrecisionPolicy(mode="bf16", frozen_base="bf16").apply(model)
     model.train()
@@ -231,7 +239,7 @@ def timed_batches(model, run_batches, L, vocab, device, steps, warmup, base_row,
 
 def run_mamba_ft(name, master, base, recompute, batches, args, device, bf16_bytes):
     t0 = time.perf_counter()
-    head = dict(model=name, base=base, options="recompute" if recompute else "",
+    head = dict(model=name, base=base, options=RECOMPUTE_OPTIONS[recompute],
                 recompute=recompute, L=args.L, steps=args.steps,
                 warmup=args.warmup, base_bf16_bytes=bf16_bytes)
     free(device)
@@ -304,7 +312,7 @@ def hf_step(model, opt, ids, accelerator, losses):
 
 def run_baseline(name, checkpoint, batches, args, device, bf16_bytes, options, skip, checkpointing):
     t0 = time.perf_counter()
-    head = dict(model=name, base=BASELINE, options=options, recompute=False, L=args.L,
+    head = dict(model=name, base=BASELINE, options=options, recompute="none", L=args.L,
                 steps=args.baseline_steps, warmup=1, base_bf16_bytes=bf16_bytes,
                 hf_skip_modules=skip, gradient_checkpointing=checkpointing,
                 loss="transformers' own (mean CE over shifted labels)",
@@ -452,6 +460,9 @@ def main():
     p.add_argument("--batch", type=int, nargs="+", default=[2, 1],
                    help="micro-batches, each timed on the same built model (default 2 1)")
     p.add_argument("--bases", nargs="+", choices=BASES, default=BASES, help="which bases (default all)")
+    p.add_argument("--recompute", nargs="+", choices=list(RECOMPUTE_OPTIONS), default=["none", "ssm"],
+                   help="what the backward recomputes: none, ssm (model.recompute_ssm), blocks "
+                        "(model.checkpoint_blocks); default none ssm")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the transformers + PEFT + bitsandbytes comparison")
     p.add_argument("--baseline-steps", type=int, default=1,
@@ -496,7 +507,7 @@ def main():
             print(f"{name}: built in {time.perf_counter() - t0:.1f} s, bf16 base "
                   f"{bf16_bytes / 2**20:,.1f} MiB", flush=True)
             for base in args.bases:
-                for recompute in (False, True):
+                for recompute in args.recompute:
                     rows += run_mamba_ft(name, master, base, recompute, args.batch, args, device,
                                          bf16_bytes)
                     free(device)
@@ -504,7 +515,7 @@ def main():
             if name == baseline_shape and not args.no_baseline:
                 error = save_checkpoint(master, tmp)
                 if error:
-                    rows += [dict(model=name, base=BASELINE, options="", recompute=False, L=args.L,
+                    rows += [dict(model=name, base=BASELINE, options="", recompute="none", L=args.L,
                                   batch=b, error=error) for b in baseline_batches]
                 else:
                     baseline = (name, bf16_bytes)

@@ -35,6 +35,11 @@ class ModelSection(Section):
     recompute_ssm: bool = Field(False, description="Mamba only: run each mixer's conv -> scan branch "
                                                    "again in the backward instead of storing it "
                                                    "(Mamba-1.4B LoRA batch 2: peak 20.1 -> 17.1 GiB, 8-32% fewer tokens/s)")
+    checkpoint_blocks: bool = Field(False, description="recompute each block's forward in the "
+                                                      "backward (transformers' gradient "
+                                                      "checkpointing): activation memory of one "
+                                                      "block instead of all, about one more "
+                                                      "forward of compute")
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig,
                                      description="Mamba only: base weights in nf4 / fp4 / int8 "
                                                  "(bitsandbytes, QLoRA; docs/quantization.md)")

@@ -73,6 +73,13 @@ def build_model(recipe: Recipe, model, tokenizer, train_dataset):
         from mamba_ft.models import set_recompute_ssm
 
         set_recompute_ssm(model, True)
+    if recipe.model.checkpoint_blocks:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise UserError(f"model.checkpoint_blocks: {type(model).__name__} does not support "
+                            f"transformers' gradient checkpointing; set it to false.")
+        # Non-reentrant: it needs no input that requires a gradient (a frozen embedding under
+        # adapters has none) and keeps the custom autograd functions of the kernels intact.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.data.packing and is_mamba:
         from mamba_ft.models.model_types import check_packing
 
