@@ -72,6 +72,11 @@ def test_fused_and_reference_training_agree(monkeypatch, adapters, autocast, rto
 
 
 HYBRID_CONFIGS = {
+    # Mamba-2 alone (issue 17: the SSD kernels, the gated norm and the conv against the
+    # reference path), packed-free, with D and a dt limit as the published models have.
+    "mamba2": dict(model_type="mamba2", vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                   num_heads=8, head_dim=16, n_groups=2, state_size=16, conv_kernel=4, expand=2,
+                   chunk_size=32, time_step_limit=(0.0, 10.0)),
     # Mamba-1 layers (the scan and conv kernels) beside attention and MoE.
     "jamba": dict(model_type="jamba", vocab_size=128, hidden_size=64, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=96, num_hidden_layers=4,
@@ -113,8 +118,8 @@ def hybrid_losses(model_type, path, monkeypatch, steps=30):
 
 @pytest.mark.parametrize("model_type", sorted(HYBRID_CONFIGS))
 def test_hybrid_bf16_training_through_kernels_tracks_the_reference(monkeypatch, model_type):
-    """A tiny hybrid with adapters everywhere, 30 bf16 steps: the kernels' per-step losses
-    within the bf16 tolerance above (2e-2) of the reference path's."""
+    """A tiny Mamba-2 or hybrid with adapters everywhere, 30 bf16 steps: the kernels' per-step
+    losses within the bf16 tolerance above (2e-2) of the reference path's."""
     fused = hybrid_losses(model_type, "fused", monkeypatch)
     ref = hybrid_losses(model_type, "reference", monkeypatch)
     # It trains (adapters only, random tokens: on an H100 about 4.87 -> 4.33 in 30 steps).
