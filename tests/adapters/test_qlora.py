@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import MambaForCausalLM
 
-from adapter_models import VOCAB, ft_copy, plain_mamba, randomize_adapters
+from adapter_models import MAMBA2_VOCAB, VOCAB, ft_copy, plain_mamba, plain_mamba2, randomize_adapters
 from bnb_support import needs_quantization
 from mamba_ft.adapters import (AdapterConfig, adapter_parameters, attach_adapters,
                                check_adapter_gradients, merge_adapters, save_adapters)
@@ -96,10 +96,17 @@ def test_every_adapter_target_gets_a_nonzero_gradient(kind, ids):
     assert all(p.grad is None for n, p in model.named_parameters() if n not in grads)
 
 
-def test_recompute_gives_the_same_gradients_on_a_quantised_base(ids):
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_recompute_gives_the_same_gradients_on_a_quantised_base(family):
+    if family == "mamba2":
+        ids = torch.randint(3, MAMBA2_VOCAB, (2, 21), generator=torch.Generator().manual_seed(7))
+    else:
+        ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(7))
     grads = []
     for recompute in (False, True):
-        model, _ = quantized_tiny("nf4")
+        needs_quantization("nf4")
+        model = ft_copy(plain_mamba2(0) if family == "mamba2" else plain_mamba(0))
+        quantize_model(model, QuantizeConfig(kind="nf4"))
         attach_adapters(model, AdapterConfig(targets=["all"], rank=3))
         randomize_adapters(model)
         set_recompute_ssm(model, recompute)
