@@ -371,3 +371,8 @@ def test_kernel_and_reference_take_the_same_arguments():
     ref = ([p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD],
            [p.name for p in params if p.kind is p.KEYWORD_ONLY])
     assert kernel == ref
+    from mamba_ft.ops import dispatch  # the third spelling, which forwards to either
+
+    params = inspect.signature(dispatch.mamba_chunk_scan_combined).parameters.values()
+    assert ([p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD],
+            [p.name for p in params if p.kind is p.KEYWORD_ONLY]) == ref
