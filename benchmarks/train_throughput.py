@@ -7,7 +7,9 @@ forward + backward + AdamW under bf16 autocast at L 2048, on random token ids.
 Runs: full fine-tuning and LoRA on all targets (rank 8) through the fused kernels, with and
 without recomputing the SSM branch in the backward (`set_recompute_ssm`), LoRA with the frozen
 base weights stored in bf16 (`precision.frozen_base: bf16`), and with the forward and
-backward replayed as one CUDA graph (`run.cuda_graphs`, mamba_ft.training.cuda_graph); the pure-PyTorch
+backward replayed as one CUDA graph (`run.cuda_graphs`, mamba_ft.training.cuda_graph), with the
+head run in chunks inside the loss (`run.chunked_head_loss`: no full logits) and whole blocks
+recomputed in the backward (`model.checkpoint_blocks`); the pure-PyTorch
 reference path (`MAMBA_FT_OPS=reference`) for Mamba-130m as a baseline. The ops column names
 the path and its options joined by "+".
 
@@ -49,6 +51,10 @@ RUNS = [
     ("1.4b", "lora", "fused+graph", 2),
     ("1.4b", "lora", "fused+bf16-frozen+graph", 2),
     ("130m", "full", "reference", None),
+    # run.chunked_head_loss (no full logits) and model.checkpoint_blocks: the memory options
+    ("130m", "full", "fused+chunked-head", None),
+    ("1.4b", "lora", "fused+bf16-frozen+chunked-head", 2),
+    ("1.4b", "lora", "fused+bf16-frozen+chunked-head+blocks", 2),
 ]
 
 
@@ -83,6 +89,8 @@ def make_step(name, mode, path, batch, L):
     model = build(name).cuda().train()
     if "recompute" in options:
         set_recompute_ssm(model, True)
+    if "blocks" in options:  # model.checkpoint_blocks
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if mode == "lora":
         from mamba_ft.adapters import AdapterConfig, attach_adapters
 
@@ -103,7 +111,8 @@ def make_step(name, mode, path, batch, L):
     def micro_step(batch, scale):
         # The training loop's own micro-step (mamba_ft.training.step): bf16 autocast, the fp32
         # chunked next-token loss, backward.
-        return forward_loss_sum(model, batch, accelerator, backward_scale=scale)
+        return forward_loss_sum(model, batch, accelerator, backward_scale=scale,
+                                chunked_head="chunked-head" in options)
 
     if "graph" in options:
         from mamba_ft.training.cuda_graph import GraphedMicroStep

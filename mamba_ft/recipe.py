@@ -123,6 +123,10 @@ class RunSection(Section):
     merge_at_end: bool = False
     cuda_graphs: bool = Field(False, description="replay each micro-step as one CUDA graph (one GPU; "
                                                   "micro-batches padded to data.max_length)")
+    chunked_head_loss: bool = Field(False, description="run the output head inside the loss a "
+                                                       "chunk of rows at a time, so the (batch, "
+                                                       "L, vocab) logits never exist (one "
+                                                       "process; not with cuda_graphs)")
 
     @model_validator(mode="after")
     def _length(self):

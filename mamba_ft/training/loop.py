@@ -74,6 +74,7 @@ class TrainingRun:
         self.accelerator = accelerator = setup.build_accelerator(recipe, self.trackers, self.fsdp2)
         setup.check_distributed(accelerator)
         setup.check_cuda_graphs(recipe, accelerator)
+        setup.check_chunked_head_loss(recipe, accelerator, self.fsdp2)
         precision.set_tf32(recipe.precision_policy().tf32)
         self.resume_from = run_dir.check_output_dir(recipe, self.out)
         from accelerate.utils import set_seed
@@ -175,7 +176,9 @@ class TrainingRun:
                     if graphed is not None:
                         token_loss_sum = graphed(batch, scale)
                     else:
-                        token_loss_sum = step.forward_loss_sum(model, batch, accelerator, backward_scale=scale)
+                        token_loss_sum = step.forward_loss_sum(
+                            model, batch, accelerator, backward_scale=scale,
+                            chunked_head=run.chunked_head_loss)
                     loss_sum += token_loss_sum.detach()
                     if not checked_adapter_grads:
                         from mamba_ft.adapters import check_adapter_gradients

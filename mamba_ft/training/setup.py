@@ -99,6 +99,15 @@ def build_model(recipe: Recipe, model, tokenizer, train_dataset):
         if PartialState().is_main_process:
             print(adapter_report.format())
     recipe.precision_policy().apply(model)
+    if recipe.run.chunked_head_loss:
+        from mamba_ft.training.loss import HEAD_ONLY_TYPES
+
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in HEAD_ONLY_TYPES:
+            raise UserError(f"run.chunked_head_loss applies where the logits are the head of the "
+                            f"last hidden states, and {model_type!r} models change them after "
+                            f"(or are untested): it works for {', '.join(HEAD_ONLY_TYPES)}; set "
+                            f"run.chunked_head_loss: false.")
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError("Nothing to train: no parameter requires a gradient.")
     return model, tokenizer, adapter_report
@@ -139,6 +148,21 @@ def check_cuda_graphs(recipe: Recipe, accelerator) -> None:
         raise UserError(f"run.cuda_graphs runs on one GPU and this launch has "
                         f"{accelerator.num_processes} processes; launch without accelerate's "
                         f"multi-process configs, or set run.cuda_graphs: false.")
+
+
+def check_chunked_head_loss(recipe: Recipe, accelerator, fsdp2) -> None:
+    """The launches `run.chunked_head_loss` is built and tested for: one process, eager steps.
+    (DDP would see the head used outside its forward; a graphed step and FSDP2's resharding
+    of the head are untested with it.)"""
+    run = recipe.run
+    if not run.chunked_head_loss:
+        return
+    if accelerator.num_processes > 1 or fsdp2 is not None:
+        raise UserError(f"run.chunked_head_loss runs in one process and this launch has "
+                        f"{accelerator.num_processes}; set run.chunked_head_loss: false.")
+    if run.cuda_graphs:
+        raise UserError("run.chunked_head_loss does not run with run.cuda_graphs yet; set one of "
+                        "them to false.")
 
 
 def datasets(recipe, tokenizer, train_dataset, eval_dataset, accelerator):

@@ -14,7 +14,7 @@ from contextlib import nullcontext
 import torch
 
 from mamba_ft import data as data_lib
-from mamba_ft.training.loss import next_token_loss_sum
+from mamba_ft.training.loss import head_loss_sum, head_outside, next_token_loss_sum
 
 
 def micro_batch_indices(step: int, run, steps_per_epoch: int, n_rows: int, world: int, rank: int):
@@ -32,7 +32,8 @@ def micro_batch_indices(step: int, run, steps_per_epoch: int, n_rows: int, world
             for a in range(run.grad_accum_steps)]
 
 
-def forward_loss_sum(model, batch, accelerator, backward_scale: float | None = None):
+def forward_loss_sum(model, batch, accelerator, backward_scale: float | None = None,
+                     chunked_head: bool = False):
     """Sum of next-token cross-entropies over the batch's targets (fp32); backward if asked.
 
     `batch`: input_ids and labels (IGNORE where there is no target), optionally
@@ -42,6 +43,9 @@ def forward_loss_sum(model, batch, accelerator, backward_scale: float | None = N
     restarts at each document; a hybrid's attention gets position ids restarting there and no
     attention mask, which transformers turns into a block-diagonal mask (padding sits at the
     rows' ends, after every target, so no target sees it).
+
+    `chunked_head` (the recipe's `run.chunked_head_loss`): the output head runs inside the
+    loss a chunk of rows at a time, so the full logits never exist (`loss.head_loss_sum`).
     """
     from mamba_ft.models import document_starts, packed_position_ids
     from mamba_ft.models.model_types import is_hybrid
@@ -58,8 +62,15 @@ def forward_loss_sum(model, batch, accelerator, backward_scale: float | None = N
         # Accelerate puts this autocast on a prepared model's forward; an FSDP2-sharded model is
         # not prepared, so enter it here (nesting the same autocast changes nothing).
         with accelerator.autocast():
-            logits = model(**inputs, use_cache=False).logits
-        loss_sum = next_token_loss_sum(logits, labels, data_lib.IGNORE)
+            if chunked_head:
+                with head_outside(inner) as stand_in:
+                    model(**inputs, use_cache=False)
+                # Under the same autocast as the head had inside the forward.
+                loss_sum = head_loss_sum(stand_in.hidden, stand_in.head, labels, data_lib.IGNORE)
+            else:
+                logits = model(**inputs, use_cache=False).logits
+        if not chunked_head:
+            loss_sum = next_token_loss_sum(logits, labels, data_lib.IGNORE)
         if backward_scale is not None:
             accelerator.backward(loss_sum * backward_scale)
     return loss_sum

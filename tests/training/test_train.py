@@ -98,12 +98,12 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
     calls = {"n": 0}
     real_forward = step_mod.forward_loss_sum
 
-    def interrupt_at_step_4(model, batch, accelerator, backward_scale=None):
+    def interrupt_at_step_4(model, batch, accelerator, backward_scale=None, **options):
         if backward_scale is not None:
             calls["n"] += 1
             if calls["n"] == 4:  # micro_batch_size 2, no accumulation: the 4th call is step 4
                 raise KeyboardInterrupt
-        return real_forward(model, batch, accelerator, backward_scale)
+        return real_forward(model, batch, accelerator, backward_scale, **options)
 
     monkeypatch.setattr(step_mod, "forward_loss_sum", interrupt_at_step_4)
     with pytest.raises(KeyboardInterrupt):
@@ -145,8 +145,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     real_forward = step_mod.forward_loss_sum
     calls = {"n": 0}
 
-    def nan_at_step_3(model, batch, accelerator, backward_scale=None):
-        loss = real_forward(model, batch, accelerator, backward_scale)
+    def nan_at_step_3(model, batch, accelerator, backward_scale=None, **options):
+        loss = real_forward(model, batch, accelerator, backward_scale, **options)
         if backward_scale is not None:
             calls["n"] += 1
             if calls["n"] == 3:
@@ -486,12 +486,12 @@ def test_ctrl_c_says_where_to_resume_and_exits_130(tmp_path, monkeypatch, capsys
     real_forward = step_mod.forward_loss_sum
     calls = {"n": 0}
 
-    def interrupt_at_step_4(model, batch, accelerator, backward_scale=None):
+    def interrupt_at_step_4(model, batch, accelerator, backward_scale=None, **options):
         if backward_scale is not None:
             calls["n"] += 1
             if calls["n"] == 4:
                 raise KeyboardInterrupt
-        return real_forward(model, batch, accelerator, backward_scale)
+        return real_forward(model, batch, accelerator, backward_scale, **options)
 
     monkeypatch.setattr(step_mod, "forward_loss_sum", interrupt_at_step_4)
     recipe_path = tmp_path / "r.yaml"
@@ -570,3 +570,29 @@ def test_checkpoint_blocks_recomputes_blocks_and_trains_the_same(tmp_path, monke
     assert len(calls) - plain_calls == 2 * 2
     assert checkpointed.step_losses == pytest.approx(plain.step_losses, abs=1e-6)
     assert checkpointed.final_eval_loss == pytest.approx(plain.final_eval_loss, abs=1e-6)
+
+
+def test_chunked_head_loss_trains_like_the_logits_path_and_is_refused_where_it_cannot_hold(tmp_path):
+    """run.chunked_head_loss: the same per-step losses as a plain run (1e-6; the head's chunks
+    sum in another order); refused for a model whose logits are scaled after the head, and
+    with CUDA graphs, each one message before anything trains."""
+    plain = train_mod.train(validate_recipe(recipe_dict(tmp_path / "plain", max_steps=3)))
+    d = recipe_dict(tmp_path / "chunked", max_steps=3)
+    d["run"]["chunked_head_loss"] = True
+    chunked = train_mod.train(validate_recipe(d))
+    assert chunked.step_losses == pytest.approx(plain.step_losses, abs=1e-6)
+    assert chunked.final_eval_loss == pytest.approx(plain.final_eval_loss, abs=1e-6)
+    d = recipe_dict(tmp_path / "granite", max_steps=1)
+    d["model"].update(kind="mamba", source={
+        "model_type": "granitemoehybrid", "vocab_size": 272, "hidden_size": 16,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 32,
+        "num_hidden_layers": 2, "layer_types": ["mamba", "attention"], "mamba_n_heads": 4,
+        "mamba_d_head": 8, "mamba_n_groups": 1, "mamba_d_state": 4, "mamba_chunk_size": 8,
+        "num_local_experts": 0})
+    d["run"]["chunked_head_loss"] = True
+    with pytest.raises(UserError, match="chunked_head_loss applies where the logits are the head"):
+        train_mod.train(validate_recipe(d))
+    d = recipe_dict(tmp_path / "graphs", max_steps=1)
+    d["run"].update(chunked_head_loss=True, cuda_graphs=True)
+    with pytest.raises(UserError, match="cuda_graphs"):
+        train_mod.train(validate_recipe(d))
