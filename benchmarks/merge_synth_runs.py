@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from mamba_ft.synthetic import report
-from mamba_ft.synthetic.runner import plan_models
+from mamba_ft.synthetic.plan import plan_models
 from mamba_ft.synthetic.spec import load_spec
 
 

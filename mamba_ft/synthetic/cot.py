@@ -9,6 +9,16 @@ Ren, Li & Liu, arXiv 2410.03810).
   `values`. CoT form writes the dp table (dp[i] = length of the longest increasing
   subsequence ending at i) before the answer: `<bos> 5 1 3 <sep> 1 1 2 <sep> 2 <eos>`.
   dp[i] reads every earlier x and dp: a *non-local* DP, which needs COPY-like retrieval.
+- dp_local / dp_nonlocal: two DPs over `length` digits a_1..a_n (mod `modulus`) whose CoT
+  traces have the same tokens, layout and length, so that locality is the only difference
+  (Ren et al.'s claim: CoT saves Mamba state only on a local DP). dp_local is the running sum
+  s_i = s_{i-1} + a_i; dp_nonlocal is s_i = s_{i-lag} + a_i, with s_j = 0 for j <= 0. The CoT
+  interleaves each input with its state, the inputs given (not predicted) as mqar's query keys
+  are: `<bos> 3 5 4 <sep> 3 3 5 8 4 2 <sep> 2 <eos>` (dp_local, modulus 10; the answer starts
+  at the second `3`, and only the s_i, `<sep>`, the final s_n and `<eos>` are predicted). So a
+  local step reads the two tokens before it, and a non-local step reads a state 2 x lag tokens
+  back; were the inputs left in the prompt only, even the running sum would first have to fetch
+  a_i from n + 1 tokens back, a COPY.
 `form: direct` keeps only the final answer after the prompt.
 """
 
@@ -17,6 +27,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from functools import cached_property
+from typing import ClassVar
 
 from mamba_ft.errors import UserError
 from mamba_ft.synthetic.base import Example, Task, full_answer
@@ -210,3 +221,61 @@ class LISTask(Task):
         if self.form == "cot":
             answer = [*map(str, dp), "<sep>", *answer]
         return full_answer(prompt, answer)
+
+
+# --- sums with a local or a non-local dependency ----------------------------------------------
+
+@dataclass
+class _LaggedSum(Task):
+    """s_i = s_{i-lag} + a_i mod `modulus` (s_j = 0 for j <= 0); subclasses fix `lag`."""
+
+    modulus: int = 10
+    form: str = "cot"
+
+    length_name = "number of digits"
+    final_marker = "<sep>"
+    lag: ClassVar[int]
+
+    def __post_init__(self):
+        _check_form(self, self.form)
+        if not 2 <= self.modulus <= 100:
+            raise UserError(f"modulus={self.modulus} is out of range for task {self.name!r}; use 2 to 100.")
+
+    @cached_property
+    def vocab(self) -> Vocab:
+        digits = tuple(str(i) for i in range(self.modulus))
+        return Vocab(digits + ("<sep>", "<bos>", "<eos>", "<pad>"), pad="<pad>", bos="<bos>", eos="<eos>")
+
+    def sample(self, rng: random.Random, length: int) -> Example:
+        xs = [rng.randrange(self.modulus) for _ in range(length)]
+        states: list[int] = []
+        for i, x in enumerate(xs):
+            states.append(((states[i - self.lag] if i >= self.lag else 0) + x) % self.modulus)
+        prompt = ("<bos>", *map(str, xs), "<sep>")
+        final = (str(states[-1]), "<eos>")
+        if self.form == "direct":
+            return full_answer(prompt, final)
+        trace = tuple(t for x, s in zip(xs, states) for t in (str(x), str(s)))
+        answer = (*trace, "<sep>", *final)
+        # The inputs in the trace are given; every state, the separator and the answer are predicted.
+        supervised = tuple(i % 2 == 1 for i in range(len(trace))) + (True,) * (1 + len(final))
+        return Example(prompt, answer, supervised)
+
+
+@dataclass
+class LocalSumTask(_LaggedSum):
+    name = "dp_local"
+    lag = 1
+
+
+@dataclass
+class NonlocalSumTask(_LaggedSum):
+    lag: int = 8
+
+    name = "dp_nonlocal"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 2 <= self.lag <= 1000:
+            raise UserError(f"lag={self.lag} is out of range for task {self.name!r}; use 2 to 1000 "
+                            f"(lag 1 is dp_local).")

@@ -32,6 +32,10 @@ _TABLES = [("greedy", "exact_match", "string exact match, greedy generation"),
 RANGES = (("in range", True), ("out of range", False))
 
 
+# The CoT/DP tasks, whose headline is the final answer (the chain of thought may differ).
+FINAL_ANSWER_TASKS = ("arithmetic", "lis", "dp_local", "dp_nonlocal")
+
+
 def headline(results: dict) -> tuple[str, str, str]:
     """(decoding, metric, label) of the one number per test length that plots and summaries show:
     string exact match for copying, the fraction of values recalled for MQAR (Zoology's
@@ -40,7 +44,7 @@ def headline(results: dict) -> tuple[str, str, str]:
     decoding = "greedy" if "greedy" in results["spec"]["decoding"] else "teacher_forced"
     if task in ("mqar", "mqar_zoology"):
         return decoding, "token_accuracy", f"values recalled ({decoding})"
-    if task in ("arithmetic", "lis"):
+    if task in FINAL_ANSWER_TASKS:
         return decoding, "answer_accuracy", f"final answer right ({decoding})"
     return decoding, "exact_match", f"string exact match ({decoding})"
 
@@ -107,7 +111,7 @@ def results_markdown(results: dict) -> str:
              f"of batch {spec['training']['batch_size']}); {spec['n_test']} test examples per length "
              f"(fewer where the task has fewer distinct prompts: see results.json).", ""]
     decodings = set(spec["decoding"])
-    cot_like = spec["task"] in ("arithmetic", "lis")
+    cot_like = spec["task"] in FINAL_ANSWER_TASKS
     note = _seed_note(results)
     for variant in _variants(results):
         models = cells(results, variant)
@@ -154,7 +158,7 @@ def summary_markdown(all_results: list[dict]) -> str:
              "Headline metric per task, averaged over the test lengths inside the training range "
              "and, apart, over those outside it: string exact match (copy, n-gram lookup), "
              "fraction of values recalled (mqar, mqar_zoology), final-answer accuracy (arithmetic, "
-             "lis), all by greedy generation. The best Mamba and Transformer are the best in "
+             "lis, dp_local, dp_nonlocal), all by greedy generation. The best Mamba and Transformer are the best in "
              "range. Gap = Transformer minus best Mamba. With several training seeds: mean ± 95% "
              "t-interval over seeds (the gap's from the per-seed gaps).", "",
              "| run | variant | metric | best Mamba | Mamba in range | Transformer in range | gap in range "

@@ -1,8 +1,8 @@
 """One synthetic spec, run: generate the data, train every model of the sweep, score them.
 
 For each task variant (e.g. direct vs CoT) the same seeded train set trains every model: each
-Mamba (d_model x d_state) and, per Mamba width, one Transformer with the closest parameter
-count; each once per training seed (`training.seeds`, default the recipe's `seed`). Training
+Mamba (d_model x d_state) and, per Mamba width and Transformer position encoding, one
+Transformer with the closest parameter count; each once per training seed (`training.seeds`, default the recipe's `seed`). Training
 is `mamba_ft.training.loop.train` with the datasets passed in; scoring is teacher-forced and
 greedy at every test length. The result is the dict that results.json holds.
 """
@@ -12,48 +12,16 @@ from __future__ import annotations
 import os
 import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mamba_ft.synthetic import data, predict, report, scoring
 from mamba_ft.synthetic.base import Task
-from mamba_ft.synthetic.model_configs import count_parameters, mamba_config, matched_transformer
+from mamba_ft.synthetic.plan import ModelPlan, plan_models
 from mamba_ft.synthetic.spec import SynthSpec
 
 N_VALID = 256  # in-distribution held-out examples for the trainer's eval loss
-
-
-@dataclass
-class ModelPlan:
-    name: str
-    family: str  # "mamba" or the Transformer family
-    config: dict
-    params: int
-    d_model: int
-    d_state: int | None  # Mamba only
-    state_floats: int | None  # recurrent state per sequence (Mamba); None: grows with length
-
-
-def plan_models(spec: SynthSpec, task: Task, max_positions: int) -> list[ModelPlan]:
-    vocab_size = len(task.vocab)
-    mamba = spec.models.mamba
-    plans = []
-    for d_model in mamba.d_model:
-        for d_state in mamba.d_state:
-            config = mamba_config(vocab_size, d_model, mamba.n_layer, d_state, mamba.expand)
-            plans.append(ModelPlan(f"mamba-d{d_model}-N{d_state}", "mamba", config, count_parameters(config),
-                                   d_model, d_state, mamba.n_layer * mamba.expand * d_model * d_state))
-    tf = spec.models.transformer
-    if tf is not None:
-        match_state = tf.match_d_state if tf.match_d_state is not None else mamba.d_state[0]
-        for d_model in mamba.d_model:
-            target = count_parameters(mamba_config(vocab_size, d_model, mamba.n_layer, match_state, mamba.expand))
-            config, params = matched_transformer(target, tf.family, vocab_size, tf.n_layer, tf.head_dim, max_positions)
-            plans.append(ModelPlan(f"{tf.family}-d{config['hidden_size']}", tf.family, config, params,
-                                   config["hidden_size"], None, None))
-    return plans
 
 
 def _training_recipe(spec: SynthSpec, out_dir: Path, tag: str, seed: int):
@@ -172,6 +140,7 @@ def _run_spec(spec: SynthSpec, out_dir: Path, name: str, device: str, previous: 
             results["runs"].append({
                 "variant": label, "model": plan.name, "seed": seed, "family": plan.family, "params": plan.params,
                 "d_model": plan.d_model, "d_state": plan.d_state, "state_floats": plan.state_floats,
+                "position": plan.position,
                 "device": _device_name(device), **fit, "eval_seconds": round(time.perf_counter() - t0, 2),
                 "results": scores})
             results["seconds"] = round(earlier + time.perf_counter() - started, 1)

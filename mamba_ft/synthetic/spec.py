@@ -4,7 +4,8 @@ train, how, and what to sweep.
 A file (or a bare task name, which takes every default) plus dotted `key=value` overrides is
 validated here; unknown keys and out-of-range values are one `UserError` each. Lists under
 `models.mamba` (d_model, d_state) are sweeps: every combination is trained; one Transformer is
-trained per Mamba width, sized to match the Mamba of that width at `match_d_state`.
+trained per Mamba width and position encoding (`models.transformer.position`), sized to match
+the Mamba of that width at `match_d_state`.
 """
 
 from __future__ import annotations
@@ -48,6 +49,29 @@ class TransformerSpec(_Section):
     n_layer: int = Field(2, ge=1, le=128)
     head_dim: int = Field(16, ge=2, le=256)
     match_d_state: int | None = Field(None, description="size-match the Mamba with this d_state (default: the first)")
+    # A sweep like d_state: one Transformer per width and position encoding, all of one family,
+    # so a RoPE and a NoPE model differ in nothing else.
+    position: list[Literal["rope", "nope", "hard_alibi"]] = ["rope"]
+    # hard_alibi only: the windowed heads' sizes (the head sees itself and window - 1 tokens
+    # back); the remaining heads, at least one, are NoPE. Our default, not a paper's.
+    hard_alibi_windows: list[int] = [2, 4]
+
+    @field_validator("position", mode="before")
+    @classmethod
+    def _position_list(cls, value):
+        return value if isinstance(value, list) else [value]
+
+    @model_validator(mode="after")
+    def _check_position(self):
+        if not self.position or len(set(self.position)) != len(self.position):
+            raise ValueError("position must be a non-empty list of distinct encodings (rope, nope, hard_alibi)")
+        for position in self.position:
+            if position != "rope" and self.family != "gpt_neox":
+                raise ValueError(f"position {position!r} needs family 'gpt_neox' ({self.family} always "
+                                 f"applies rotary embeddings)")
+        if not self.hard_alibi_windows or min(self.hard_alibi_windows) < 1:
+            raise ValueError("hard_alibi_windows must be a non-empty list of positive window sizes")
+        return self
 
 
 class ModelsSpec(_Section):
@@ -139,6 +163,11 @@ TASK_DEFAULTS = {
                    "test_lengths": [2, 4, 6]},
     "lis": {"variants": [{"form": "direct"}, {"form": "cot"}], "train_lengths": [2, 10],
             "test_lengths": [5, 10, 15]},
+    "dp_local": {"variants": [{"form": "direct"}, {"form": "cot"}], "train_lengths": [2, 16],
+                 "test_lengths": [8, 16, 24, 32]},
+    # lag 8: half the longest training length, so the far dependency spans half the trace.
+    "dp_nonlocal": {"task_args": {"lag": 8}, "variants": [{"form": "direct"}, {"form": "cot"}],
+                    "train_lengths": [2, 16], "test_lengths": [8, 16, 24, 32]},
 }
 
 
@@ -160,5 +189,12 @@ def load_spec(target: str, overrides: list[str] | None = None) -> SynthSpec:
     for item in overrides or []:
         apply_override(data, item)
     spec = validate_mapping(SynthSpec, data, where, what="Synthetic recipe", docs="docs/synthetic.md")
-    spec.tasks()  # task name, task parameters and lengths: UserError on anything out of range
+    tasks = spec.tasks()  # task name, task parameters and lengths: UserError on anything out of range
+    if spec.models.transformer is not None and "hard_alibi" in spec.models.transformer.position:
+        # Whether the windows leave a NoPE head depends on the matched width: plan the models
+        # now, so a bad setting stops before any output is written.
+        from mamba_ft.synthetic.plan import plan_models
+
+        for _, task in tasks:
+            plan_models(spec, task, max_positions=1)
     return spec

@@ -5,13 +5,14 @@ from __future__ import annotations
 from mamba_ft.errors import UserError, did_you_mean
 from mamba_ft.synthetic.base import Task
 from mamba_ft.synthetic.copying import CopyTask, PrefixNgramTask, SuffixNgramTask
-from mamba_ft.synthetic.cot import ArithmeticTask, LISTask
+from mamba_ft.synthetic.cot import ArithmeticTask, LISTask, LocalSumTask, NonlocalSumTask
 from mamba_ft.synthetic.recall import RecallTask, ZoologyRecallTask
 
 
 def _registry() -> dict[str, type[Task]]:
     return {cls.name: cls for cls in (CopyTask, PrefixNgramTask, SuffixNgramTask, RecallTask,
-                                      ZoologyRecallTask, ArithmeticTask, LISTask)}
+                                      ZoologyRecallTask, ArithmeticTask, LISTask, LocalSumTask,
+                                      NonlocalSumTask)}
 
 
 def task_names() -> list[str]:

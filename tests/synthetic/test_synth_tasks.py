@@ -30,11 +30,15 @@ CASES = [
     ("arithmetic", {"form": "direct", "prime": 7}, (1, 6)),
     ("lis", {"form": "cot"}, (2, 12)),
     ("lis", {"form": "direct", "values": 20}, (2, 12)),
+    ("dp_local", {"form": "cot"}, (3, 12)),
+    ("dp_nonlocal", {"form": "cot", "lag": 4}, (3, 12)),
+    ("dp_nonlocal", {"form": "direct", "modulus": 7}, (3, 12)),
 ]
 
 
 def test_registry_lists_all_tasks():
-    assert task_names() == ["arithmetic", "copy", "lis", "mqar", "mqar_zoology", "prefix_ngram", "suffix_ngram"]
+    assert task_names() == ["arithmetic", "copy", "dp_local", "dp_nonlocal", "lis", "mqar", "mqar_zoology",
+                            "prefix_ngram", "suffix_ngram"]
 
 
 @pytest.mark.parametrize("name,params,lengths", [c for c in CASES if c[0] != "mqar_zoology"])
@@ -207,6 +211,71 @@ def test_lis_answers_spread_out():
     assert len(answers) >= 10
 
 
+def _dp_states_closed_form(xs, lag, modulus):
+    """s_i = s_{i-lag} + a_i unrolled: the sum of the inputs at i, i - lag, i - 2 lag, ... (1-based)."""
+    return [sum(xs[j] for j in range(i, -1, -lag)) % modulus for i in range(len(xs))]
+
+
+@pytest.mark.parametrize("name,params", [("dp_local", {}), ("dp_local", {"modulus": 3}),
+                                         ("dp_nonlocal", {}), ("dp_nonlocal", {"lag": 3, "modulus": 13})])
+def test_dp_traces_and_answers_by_closed_form(name, params):
+    cot = make_task(name, **params)
+    direct = make_task(name, **params, form="direct")
+    lag = params.get("lag", 8) if name == "dp_nonlocal" else 1
+    m = params.get("modulus", 10)
+    for n in (1, 2, 5, lag, lag + 1, 3 * lag + 2, 40):
+        for seed in range(20):
+            ex, ex_direct = cot.sample(random.Random(seed), n), direct.sample(random.Random(seed), n)
+            assert ex.prompt == ex_direct.prompt
+            assert ex.prompt[0] == "<bos>" and ex.prompt[-1] == "<sep>" and len(ex.prompt) == n + 2
+            xs = [int(t) for t in ex.prompt[1:-1]]
+            assert all(0 <= x < m for x in xs)
+            states = _dp_states_closed_form(xs, lag, m)
+            # The trace: every input (given) followed by its state (predicted), then the answer.
+            assert ex.answer == (*(str(t) for x, s in zip(xs, states) for t in (x, s)), "<sep>", str(states[-1]), "<eos>")
+            assert ex.supervised == (False, True) * n + (True, True, True)
+            assert ex_direct.answer == (str(states[-1]), "<eos>") and all(ex_direct.supervised)
+            assert cot.final_answer(ex.answer) == direct.final_answer(ex_direct.answer) == (str(states[-1]),)
+
+
+def test_dp_local_and_nonlocal_traces_share_format_and_length():
+    # Same seed, same length: the same inputs, and traces that differ only in their state values.
+    local, far = make_task("dp_local"), make_task("dp_nonlocal", lag=5)
+    differ = 0
+    for n in (1, 4, 6, 11, 30):
+        for seed in range(10):
+            a, b = local.sample(random.Random(seed), n), far.sample(random.Random(seed), n)
+            assert a.prompt == b.prompt and a.supervised == b.supervised
+            assert len(a.answer) == len(b.answer) == 2 * n + 3
+            for i, (ta, tb) in enumerate(zip(a.answer, b.answer)):
+                assert ta.isdigit() == tb.isdigit()  # states where states are, markers where markers are
+                if ta != tb:
+                    assert a.supervised[i]  # only predicted states differ, never the given inputs
+                    differ += 1
+            assert local.vocab == far.vocab
+    assert differ > 0  # the two DPs are not the same (for n > lag)
+
+
+def test_score_dp_final_answer_at_its_positions():
+    task = make_task("dp_nonlocal", lag=2)
+    ex = task.sample(random.Random(0), 4)
+    answer = list(ex.answer)
+    assert score(task, [ex], [tuple(answer)]) == {
+        "exact_match": 1.0, "token_accuracy": 1.0, "answer_accuracy": 1.0, "examples": 1}
+    # A wrong state in the trace, the right final answer; given inputs predicted as junk (teacher
+    # forcing predicts there too), even a marker: ignored, and the answer is read where it stands.
+    wrong_chain = answer.copy()
+    wrong_chain[1] = str((int(answer[1]) + 1) % 10)
+    wrong_chain[0] = wrong_chain[2] = "<sep>"
+    got = score(task, [ex], [tuple(wrong_chain)])
+    assert got["exact_match"] == 0.0 and got["answer_accuracy"] == 1.0
+    assert got["token_accuracy"] == pytest.approx(6 / 7)  # 4 states, <sep>, answer, <eos>
+    wrong_answer = answer.copy()
+    wrong_answer[-2] = str((int(answer[-2]) + 1) % 10)
+    assert score(task, [ex], [tuple(wrong_answer)])["answer_accuracy"] == 0.0
+    assert score(task, [ex], [tuple(answer[:-1])])["answer_accuracy"] == 0.0  # no EOS: not finished
+
+
 # --- encoding and scoring ---------------------------------------------------------------------
 
 def test_labels_only_on_supervised_answer_tokens():
@@ -264,6 +333,10 @@ def test_score_ignores_unsupervised_positions():
     ("lis", {"values": 1}, "values=1"),
     ("mqar", {"keys": 1}, "keys=1"),
     ("suffix_ngram", {"alphabet": 2, "ngram": 2}, "unique 2-grams"),
+    ("dp_local", {"lag": 3}, "parameters are: modulus, form"),
+    ("dp_nonlocal", {"lag": 1}, "lag=1"),
+    ("dp_nonlocal", {"modulus": 1}, "modulus=1"),
+    ("dp_local", {"form": "chain"}, "form='chain'"),
 ])
 def test_bad_task_parameters(name, params, match):
     with pytest.raises(UserError, match=match):
