@@ -1,7 +1,8 @@
 """Training-step throughput of mamba-ft on a CUDA GPU: tokens/s and peak memory.
 
 Models are built from configs (random init, no downloads) in the shapes of Mamba-130m
-(d_model 768, 24 layers) and Mamba-1.4B (d_model 2048, 48 layers), vocab 50280. One step is
+(d_model 768, 24 layers) and Mamba-1.4B (d_model 2048, 48 layers), and of Mamba-2-130m and
+-1.3B (the same widths and depths, head_dim 64, state 128, chunk 256), vocab 50280. One step is
 forward + backward + AdamW under bf16 autocast at L 2048, on random token ids.
 
 Runs: full fine-tuning and LoRA on all targets (rank 8) through the fused kernels, with and
@@ -36,6 +37,10 @@ from bench_common import (RESULTS_DIR, device_and_versions, gpu_run_info, markdo
 MODELS = {
     "130m": dict(hidden_size=768, num_hidden_layers=24, batch=8),
     "1.4b": dict(hidden_size=2048, num_hidden_layers=48, batch=4),
+    # Mamba-2 in the shapes of state-spaces/mamba2-130m and -1.3b (head_dim 64, state 128,
+    # one B/C group, chunk 256): the SSD kernels, the gated norm and the conv.
+    "mamba2-130m": dict(hidden_size=768, num_hidden_layers=24, batch=8, mamba2=True),
+    "mamba2-1.3b": dict(hidden_size=2048, num_hidden_layers=48, batch=2, mamba2=True),
 }
 RUNS = [
     # (model, mode, ops path, batch override)
@@ -55,11 +60,22 @@ RUNS = [
     ("130m", "full", "fused+chunked-head", None),
     ("1.4b", "lora", "fused+bf16-frozen+chunked-head", 2),
     ("1.4b", "lora", "fused+bf16-frozen+chunked-head+blocks", 2),
+    # Mamba-2 (issue 17's rows: full fine-tuning at 130m, LoRA on every buffer at 1.3B)
+    ("mamba2-130m", "full", "fused", None),
+    ("mamba2-1.3b", "lora", "fused", 2),
+    ("mamba2-1.3b", "lora", "fused+bf16-frozen", 2),
 ]
 
 
 def build(name: str):
     shape = MODELS[name]
+    if shape.get("mamba2"):
+        d_inner = 2 * shape["hidden_size"]
+        config = dict(model_type="mamba2", vocab_size=50280, hidden_size=shape["hidden_size"],
+                      num_hidden_layers=shape["num_hidden_layers"], expand=2, head_dim=64,
+                      num_heads=d_inner // 64, n_groups=1, state_size=128, conv_kernel=4,
+                      chunk_size=256, tie_word_embeddings=True, use_cache=False)
+        return load_model(config, need_tokenizer=False, seed=0).model
     config = dict(model_type="mamba", vocab_size=50280, hidden_size=shape["hidden_size"],
                   num_hidden_layers=shape["num_hidden_layers"], state_size=16, expand=2,
                   conv_kernel=4, use_cache=False)
