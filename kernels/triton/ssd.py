@@ -58,13 +58,10 @@ Precision: tl.dot takes operands in the inputs' dtype (the fp32 decay-weighted m
 rounded to bf16/fp16 for it, as mamba_ssm does) and accumulates in fp32; fp32 inputs use
 IEEE fp32 dots (not TF32), so the fp32 path matches the reference closely.
 
-Measured (H100 80GB HBM3, 2026-12-07 15:18 UTC), Mamba-2-130m's layer (batch 8, L 2048,
-24 heads, head_dim 64, N 128, chunk 256, bf16, D, dt_bias + softplus): forward 0.390 ms,
-forward+backward 2.357 ms; mamba_ssm's time in that run was cut off by its autotuning, so
-there is no same-run comparison yet (`benchmarks/ssd_speed.py`). By count of tl.dot FLOPs
-the backward does 3.8x the forward's work and takes 5x its time; both run at ~50 TFLOP/s,
-far below the tensor cores' rate, so what limits them is the elementwise work around the
-dots (decay exps, masks) and latency, most of all in the backward's two per-group kernels:
+Speed: not yet measured in a run whose output was kept (`benchmarks/ssd_speed.py` times it
+against mamba_ssm's Triton kernels in one run; docs/benchmarks.md will hold the figures). By
+count of tl.dot FLOPs the backward does 3.8x the forward's work. What is known statically is
+where the backward's two per-group kernels stand:
 ptxas (sm_90, bf16, these tiles): every forward kernel fits without spilling at 4 warps;
 `_dc_kernel` takes 250 registers at 8 warps and `_dx_db_kernel` 255 plus ~600 bytes of
 spills (more at 4 warps), so each runs one 8-warp program per SM, over only
