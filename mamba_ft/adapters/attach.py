@@ -137,7 +137,7 @@ def _attach_mamba(model: nn.Module, config: AdapterConfig, family: MixerFamily):
                                            config.dropout)
             mixer.adapter = adapter.to(mixer.A_log.device)
             for t in mixer_targets:
-                if hasattr(adapter, "holds") and not adapter.holds(t):
+                if not adapter.holds(t):
                     continue
                 counts[t][0] += 1
                 counts[t][1] += adapter.target_numel(t)

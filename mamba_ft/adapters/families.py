@@ -22,7 +22,9 @@ from mamba_ft.modules import MambaFTMamba2Mixer, MambaFTMixer
 class MixerFamily:
     mixer_class: type[nn.Module]
     targets: TargetFamily
-    adapter_class: type[nn.Module]  # (mixer, targets, rank_for, scale_for, dropout) -> module
+    # (mixer, targets, rank_for, scale_for, dropout) -> module with holds(target) and
+    # target_numel(target)
+    adapter_class: type[nn.Module]
 
 
 FAMILIES = (

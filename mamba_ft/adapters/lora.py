@@ -83,6 +83,10 @@ class MixerAdapter(nn.Module):
         key = module_key(name)
         return self.low_rank[key] if key in self.low_rank else None
 
+    def holds(self, target: str) -> bool:
+        """Whether this mixer has the buffer `target` names (every Mamba-1 mixer has them all)."""
+        return target in self.ssm or module_key(target) in self.low_rank
+
     def target_numel(self, target: str) -> int:
         if target in self.ssm:
             return self.ssm[target].numel()
