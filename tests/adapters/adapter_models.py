@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
@@ -62,3 +63,34 @@ def randomize_adapters(model, seed: int = 1, std: float = 0.1) -> None:
     with torch.no_grad():
         for _, p in sorted(adapter_parameters(model).items()):
             p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def assert_merged_rows(base, merged, weight: str, n_rows: int, rows: tuple[int, int]) -> None:
+    """In both layers, merging changed exactly rows [rows[0], rows[1]) of the mixer's `weight`."""
+    for layer in range(2):
+        name = f"backbone.layers.{layer}.mixer.{weight}.weight"
+        changed = (merged.state_dict()[name] != base.state_dict()[name]).any(dim=1)
+        expected = torch.zeros(n_rows, dtype=torch.bool)
+        expected[rows[0]:rows[1]] = True
+        assert torch.equal(changed, expected)
+
+
+def assert_guard_names_layer_0(model, ids, dead: int, total: int) -> None:
+    """`targets: [all]` attached: with layer 0 reading its raw weights (as a kernel fed `.weight`
+    would), the guard refuses before any backward, then names exactly layer 0's parameters."""
+    from mamba_ft.adapters import AdapterConfig, attach_adapters, check_adapter_gradients
+    from mamba_ft.errors import UserError
+    from mamba_ft.models import mixers
+
+    attach_adapters(model, AdapterConfig(targets=["all"], rank=2))
+    with pytest.raises(UserError, match="received no gradient"):  # no backward yet
+        check_adapter_gradients(model)
+    first = mixers(model)[0]
+    first.mixer_weights = first.raw_weights
+    model(ids, labels=ids).loss.backward()
+    with pytest.raises(UserError) as err:
+        check_adapter_gradients(model)
+    message = str(err.value)
+    assert f"{dead} of {total} adapter parameters" in message
+    assert "backbone.layers.0.mixer.adapter.low_rank.in_proj.lora_A" in message
+    assert "layers.1." not in message

@@ -13,7 +13,8 @@ import copy
 
 import pytest
 import torch
-from adapter_models import ft_copy, plain_mamba, randomize_adapters
+from adapter_models import (assert_guard_names_layer_0, assert_merged_rows, ft_copy, plain_mamba,
+                            randomize_adapters)
 from transformers import MambaForCausalLM
 
 from mamba_ft.adapters import (
@@ -127,29 +128,11 @@ def test_x_proj_block_changes_only_its_rows(block, rows):
     attach_adapters(model, AdapterConfig(targets=[block], rank=2))
     randomize_adapters(model)
     merge_adapters(model)
-    for layer in range(2):
-        name = f"backbone.layers.{layer}.mixer.x_proj.weight"
-        changed = (model.state_dict()[name] != base.state_dict()[name]).any(dim=1)
-        expected = torch.zeros(18, dtype=torch.bool)
-        expected[rows[0]:rows[1]] = True
-        assert torch.equal(changed, expected)
+    assert_merged_rows(base, model, "x_proj", 18, rows)
 
 
 def test_guard_names_adapters_the_forward_never_reads(ids):
-    model = ft_copy(plain_mamba())
-    attach_adapters(model, AdapterConfig(targets=["all"], rank=2))
-    with pytest.raises(UserError, match="received no gradient"):  # no backward yet
-        check_adapter_gradients(model)
-    # Layer 0 reads its raw weights, as a kernel fed `.weight` would: its adapters are dead.
-    first = mixers(model)[0]
-    first.mixer_weights = first.raw_weights
-    model(ids, labels=ids).loss.backward()
-    with pytest.raises(UserError) as err:
-        check_adapter_gradients(model)
-    message = str(err.value)
-    assert "13 of 26 adapter parameters" in message
-    assert "backbone.layers.0.mixer.adapter.low_rank.in_proj.lora_A" in message
-    assert "layers.1." not in message
+    assert_guard_names_layer_0(ft_copy(plain_mamba()), ids, dead=13, total=26)
 
 
 def test_plain_transformers_peft_dt_proj_lora_gets_no_gradient(ids):
