@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import sys
 import time
+import types
 from pathlib import Path
 from typing import Callable
 
@@ -109,3 +111,32 @@ def write_markdown(out: Path, name: str, lines: list[str]) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.md").write_text(text)
     return text
+
+
+def stub_mamba_ssm_package(src: Path) -> None:
+    """Make `import mamba_ssm.<module>` read the unpacked source tree `src` without running
+    mamba_ssm/__init__.py, which pulls in its CUDA extensions, the Mamba-2/3 modules and their
+    optional dependencies: a stub package module whose path is the tree's."""
+    pkg = types.ModuleType("mamba_ssm")
+    pkg.__path__ = [str(src / "mamba_ssm")]
+    sys.modules["mamba_ssm"] = pkg
+
+
+def compiled_kernel_stats(module, names: list[str], constants: bool = False) -> list[dict]:
+    """Registers and spills of every compiled variant of `module`'s Triton kernels `names`
+    (for docs/kernels.md); with `constants`, the tail of each variant's specialisation key."""
+    stats = []
+    for name in names:
+        jit_fn = getattr(module, name)
+        try:
+            for caches in jit_fn.device_caches.values():
+                for key, kernel in caches[0].items():
+                    kernel._init_handles()
+                    row = dict(kernel=name, n_regs=kernel.n_regs, n_spills=kernel.n_spills,
+                               num_warps=kernel.metadata.num_warps)
+                    if constants:
+                        row["constants"] = str(key)[-160:]
+                    stats.append(row)
+        except Exception as exc:  # Triton's internals move between versions; report, go on
+            stats.append(dict(kernel=name, error=f"{type(exc).__name__}: {exc}"))
+    return stats

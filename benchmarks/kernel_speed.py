@@ -21,7 +21,6 @@ import os
 import platform
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -30,8 +29,9 @@ from mamba_ft.ops import reference
 from mamba_ft.kernels import causal_conv1d as conv_mod
 from mamba_ft.kernels import selective_scan as scan_mod
 
-from bench_common import (RESULTS_DIR, device_and_versions, gpu_run_info, markdown_table,
-                          median_gpu_ms, median_graph_replay_ms, write_json, write_markdown)
+from bench_common import (RESULTS_DIR, compiled_kernel_stats, device_and_versions, gpu_run_info,
+                          markdown_table, median_gpu_ms, median_graph_replay_ms,
+                          stub_mamba_ssm_package, write_json, write_markdown)
 
 SCAN_SHAPES = [(8, 1536, 2048, 16), (4, 4096, 2048, 16)]
 
@@ -54,11 +54,7 @@ def build_mamba_ssm(src: Path):
                extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=flags,
                extra_include_paths=[str(cs)], build_directory=str(build), verbose=False)
     sys.modules["selective_scan_cuda"] = ext
-    # Import the interface module without running mamba_ssm/__init__.py (which pulls in the
-    # Mamba-2/3 modules and their optional dependencies).
-    pkg = types.ModuleType("mamba_ssm")
-    pkg.__path__ = [str(src / "mamba_ssm")]
-    sys.modules["mamba_ssm"] = pkg
+    stub_mamba_ssm_package(src)
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
     return selective_scan_fn, time.time() - t0
@@ -153,23 +149,6 @@ def sweep_tiles():
     return rows
 
 
-def compiled_kernel_stats():
-    """Registers and spills of every compiled variant of the scan kernels (for docs/kernels.md)."""
-    stats = []
-    for name in ("_scan_fwd_kernel", "_scan_bwd_kernel"):
-        jit_fn = getattr(scan_mod, name)
-        try:
-            for caches in jit_fn.device_caches.values():
-                for key, kernel in caches[0].items():
-                    kernel._init_handles()
-                    stats.append(dict(kernel=name, n_regs=kernel.n_regs, n_spills=kernel.n_spills,
-                                      num_warps=kernel.metadata.num_warps,
-                                      constants=str(key)[-160:]))
-        except Exception as exc:  # Triton's internals move between versions; report, go on
-            stats.append(dict(kernel=name, error=f"{type(exc).__name__}: {exc}"))
-    return stats
-
-
 def bench_conv():
     # Timed as CUDA-graph replays: the conv's GPU time (tens of microseconds) is shorter than
     # the host's time to launch it through autograd, which median_gpu_ms would measure instead.
@@ -248,7 +227,8 @@ def main():
     info = gpu_run_info(python=platform.python_version(), **extra)
     rows = sweep_tiles() if args.sweep else []
     rows += bench_scan(mamba_ssm_fn) + bench_conv()
-    info["compiled_scan_kernels"] = compiled_kernel_stats()
+    info["compiled_scan_kernels"] = compiled_kernel_stats(
+        scan_mod, ["_scan_fwd_kernel", "_scan_bwd_kernel"], constants=True)
     for st in info["compiled_scan_kernels"]:
         print("compiled:", st, flush=True)
     # kernels.json/.md: the names the results and docs/benchmarks.md have always used.

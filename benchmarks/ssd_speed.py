@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import sys
-import types
 from pathlib import Path
 
 import torch
@@ -30,8 +28,9 @@ import torch
 from mamba_ft.kernels import ssd as ssd_mod
 from mamba_ft.ops import ssd_reference
 
-from bench_common import (RESULTS_DIR, device_and_versions, gpu_run_info, markdown_table,
-                          median_gpu_ms, write_json, write_markdown)
+from bench_common import (RESULTS_DIR, compiled_kernel_stats, device_and_versions, gpu_run_info,
+                          markdown_table, median_gpu_ms, stub_mamba_ssm_package, write_json,
+                          write_markdown)
 
 # (model, batch, L, heads, head_dim, groups, N, chunk)
 SHAPES = [
@@ -46,9 +45,7 @@ def import_mamba_ssm(src: Path):
     """mamba_ssm's Triton `mamba_chunk_scan_combined`, imported without running
     mamba_ssm/__init__.py (which pulls in its CUDA extensions and the Mamba modules): a stub
     package module whose path is the source tree's."""
-    pkg = types.ModuleType("mamba_ssm")
-    pkg.__path__ = [str(src / "mamba_ssm")]
-    sys.modules["mamba_ssm"] = pkg
+    stub_mamba_ssm_package(src)
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
     return mamba_chunk_scan_combined
@@ -199,25 +196,6 @@ def kernel_breakdown(fns, steps=10):
     return out
 
 
-def compiled_kernel_stats():
-    """Registers and spills of every compiled variant of mamba-ft's SSD kernels."""
-    stats = []
-    for name in dir(ssd_mod):
-        jit_fn = getattr(ssd_mod, name)
-        if not (name.startswith("_") and name.endswith("_kernel")):
-            continue
-        try:
-            for caches in jit_fn.device_caches.values():
-                for kernel in caches[0].values():
-                    kernel._init_handles()
-                    stats.append(dict(kernel=name, n_regs=kernel.n_regs,
-                                      n_spills=kernel.n_spills,
-                                      num_warps=kernel.metadata.num_warps))
-        except Exception as exc:  # Triton's internals move between versions; report, go on
-            stats.append(dict(kernel=name, error=f"{type(exc).__name__}: {exc}"))
-    return stats
-
-
 def markdown(info, rows):
     lines = [f"{device_and_versions(info)}, CUDA {info['cuda']}; {info['date']}; mamba_ssm: "
              f"{info['mamba_ssm']}.", "",
@@ -275,7 +253,8 @@ def main():
         info["kernel_us_per_fwd_bwd"] = kernel_breakdown(fns)
     if args.sweep:
         rows += sweep()
-    info["compiled_kernels"] = compiled_kernel_stats()
+    info["compiled_kernels"] = compiled_kernel_stats(
+        ssd_mod, [n for n in dir(ssd_mod) if n.startswith("_") and n.endswith("_kernel")])
     for st in info["compiled_kernels"]:
         print("compiled:", st, flush=True)
     write_json(args.out, "ssd_speed", dict(info=info, rows=rows))
