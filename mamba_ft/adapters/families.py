@@ -22,9 +22,7 @@ from mamba_ft.modules import MambaFTMamba2Mixer, MambaFTMixer
 class MixerFamily:
     mixer_class: type[nn.Module]
     targets: TargetFamily
-    # (mixer, targets, rank_for, scale_for, dropout) -> module with holds(target) and
-    # target_numel(target)
-    adapter_class: type[nn.Module]
+    adapter_class: type[nn.Module]  # a lora.MixerAdapterBase: (mixer, targets, rank_for, scale_for, dropout)
 
 
 FAMILIES = (

@@ -52,8 +52,29 @@ def effective(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return (weight.float() + delta).to(weight.dtype)
 
 
-class MixerAdapter(nn.Module):
+class MixerAdapterBase(nn.Module):
+    """What every mixer family's adapter shares: low-rank deltas in `low_rank` (keyed by
+    `module_key`) and full vector deltas in a ParameterDict whose attribute name
+    `VECTORS` gives (it is part of the saved parameter names, so each family keeps its own)."""
+
+    VECTORS: str
+
+    def holds(self, target: str) -> bool:
+        """Whether this mixer has the buffer `target` names (a Falcon-H1 mixer without its norm
+        has no `norm`)."""
+        return target in getattr(self, self.VECTORS) or module_key(target) in self.low_rank
+
+    def target_numel(self, target: str) -> int:
+        vectors = getattr(self, self.VECTORS)
+        if target in vectors:
+            return vectors[target].numel()
+        return sum(p.numel() for p in self.low_rank[module_key(target)].parameters())
+
+
+class MixerAdapter(MixerAdapterBase):
     """Adapters of one mixer; `forward(raw MixerWeights) -> MixerWeights` (the mixer's hook)."""
+
+    VECTORS = "ssm"
 
     def __init__(self, mixer: nn.Module, targets: list[str], rank_for, scale_for, dropout: float):
         super().__init__()
@@ -82,15 +103,6 @@ class MixerAdapter(nn.Module):
     def _lr(self, name: str) -> LowRankDelta | None:
         key = module_key(name)
         return self.low_rank[key] if key in self.low_rank else None
-
-    def holds(self, target: str) -> bool:
-        """Whether this mixer has the buffer `target` names (every Mamba-1 mixer has them all)."""
-        return target in self.ssm or module_key(target) in self.low_rank
-
-    def target_numel(self, target: str) -> int:
-        if target in self.ssm:
-            return self.ssm[target].numel()
-        return sum(p.numel() for p in self.low_rank[module_key(target)].parameters())
 
     def x_proj_delta(self) -> torch.Tensor | None:
         whole = self._lr("x_proj")

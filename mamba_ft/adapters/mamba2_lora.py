@@ -18,7 +18,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from mamba_ft.adapters.lora import LowRankDelta, effective, module_key
+from mamba_ft.adapters.lora import LowRankDelta, MixerAdapterBase, effective, module_key
 from mamba_ft.modules.mamba2_mixer import Mamba2MixerWeights
 from mamba_ft.ops.projections import LowRankPath
 
@@ -33,8 +33,10 @@ def in_proj_rows(mixer: nn.Module) -> dict[str, tuple[int, int]]:
     return {name: (lo, lo + size) for name, lo, size in zip(IN_PROJ_BLOCKS, starts, sizes)}
 
 
-class Mamba2MixerAdapter(nn.Module):
+class Mamba2MixerAdapter(MixerAdapterBase):
     """Adapters of one Mamba-2 mixer; `forward(raw Mamba2MixerWeights) -> Mamba2MixerWeights`."""
+
+    VECTORS = "delta"
 
     def __init__(self, mixer: nn.Module, targets: list[str], rank_for, scale_for, dropout: float):
         super().__init__()
@@ -64,15 +66,6 @@ class Mamba2MixerAdapter(nn.Module):
     def _lr(self, name: str) -> LowRankDelta | None:
         key = module_key(name)
         return self.low_rank[key] if key in self.low_rank else None
-
-    def holds(self, target: str) -> bool:
-        """Whether this mixer has the buffer `target` names (a norm-less mixer has no `norm`)."""
-        return target in self.delta or module_key(target) in self.low_rank
-
-    def target_numel(self, target: str) -> int:
-        if target in self.delta:
-            return self.delta[target].numel()
-        return sum(p.numel() for p in self.low_rank[module_key(target)].parameters())
 
     def in_proj_path(self) -> LowRankPath | None:
         """in_proj's side path: the whole matrix's, or one built from its adapted row blocks."""
