@@ -19,6 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+# Rows per tile as for the plain RMSNorm: about 4,096 elements, here of one group's channels.
+from mamba_ft.kernels.rms_norm import _block_rows
+
 
 @triton.jit
 def _silu_and_grad(z):
@@ -110,11 +113,6 @@ def _gated_norm_bwd_kernel(x_ptr, z_ptr, w_ptr, rstd_ptr, dy_ptr, dx_ptr, dz_ptr
         if HAS_GATE:
             tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
     tl.store(dw_ptr + pid * D + cols, dw, mask=mc)
-
-
-def _block_rows(G: int) -> int:
-    # About 4,096 elements per tile: whole groups, several rows per program for small groups.
-    return max(1, min(16, 4096 // triton.next_power_of_2(G)))
 
 
 class GatedRMSNormFn(torch.autograd.Function):
