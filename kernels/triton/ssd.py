@@ -58,15 +58,12 @@ Precision: tl.dot takes operands in the inputs' dtype (the fp32 decay-weighted m
 rounded to bf16/fp16 for it, as mamba_ssm does) and accumulates in fp32; fp32 inputs use
 IEEE fp32 dots (not TF32), so the fp32 path matches the reference closely.
 
-Speed: not yet measured in a run whose output was kept (`benchmarks/ssd_speed.py` times it
-against mamba_ssm's Triton kernels in one run; docs/benchmarks.md will hold the figures). By
-count of tl.dot FLOPs the backward does 3.8x the forward's work. What is known statically is
-where the backward's two per-group kernels stand:
-ptxas (sm_90, bf16, these tiles): every forward kernel fits without spilling at 4 warps;
-`_dc_kernel` takes 250 registers at 8 warps and `_dx_db_kernel` 255 plus ~600 bytes of
-spills (more at 4 warps), so each runs one 8-warp program per SM, over only
-MIN_PROGRAMS-ish programs that each loop over several heads. `--sweep` times the knobs below
-(warps, pipelining stages, head splits, sub-block size) for the next tuning step.
+Speed (docs/kernels.md, docs/benchmarks.md "Mamba-2 SSD"): the forward's GPU time is level
+with mamba_ssm's Triton SSD; the backward takes about 2.5x mamba_ssm's GPU time, most of it in
+`_dx_db_kernel`, which at 8 warps takes 255 registers and spills (one program per SM), and
+`_dc_kernel` (250 registers). By count of tl.dot FLOPs the backward does 3.8x the forward's
+work. `--sweep` in benchmarks/ssd_speed.py times the knobs below (warps, pipelining stages,
+head splits, sub-block size) for the next tuning step.
 
 Tuning constants (module level, so tests and the benchmark can change them):
 """
