@@ -11,10 +11,14 @@ base weights stored in bf16 (`precision.frozen_base: bf16`), and with the forwar
 backward replayed as one CUDA graph (`run.cuda_graphs`, mamba_ft.training.cuda_graph), with the
 head run in chunks inside the loss (`run.chunked_head_loss`: no full logits) and whole blocks
 recomputed in the backward (`model.checkpoint_blocks`); the pure-PyTorch
-reference path (`MAMBA_FT_OPS=reference`) for Mamba-130m as a baseline. The ops column names
-the path and its options joined by "+".
+reference path (`MAMBA_FT_OPS=reference`) for Mamba-130m as a baseline. A ~1.2B Nemotron-H
+(hybrid: Mamba-2, attention and MLP layers) with adapters on every buffer. In the same run, the
+baselines of `transformers_baselines.py` (ops `transformers`): Pythia-160m / -1.4B with SDPA,
+and transformers' own Mamba-2 and Nemotron-H (+ PEFT) with mamba_ssm's Triton SSD patched in
+(`--mamba-ssm-src`). The ops column names the path and its options joined by "+".
 
-    python benchmarks/train_throughput.py [--only 130m] [--ops fused+graph ...] [--no-reference] [--out DIR]
+    python benchmarks/train_throughput.py [--only 130m mamba2-130m ...] [--ops fused+graph ...]
+        [--no-reference] [--mamba-ssm-src .mamba_ssm_src] [--out DIR]
 
 Writes train_throughput.json and train_throughput.md under --out.
 """
@@ -31,6 +35,7 @@ import torch
 from mamba_ft.models import load_model, set_recompute_ssm
 from mamba_ft.training.step import forward_loss_sum
 
+import transformers_baselines
 from bench_common import (RESULTS_DIR, device_and_versions, gpu_run_info, markdown_table,
                           wall_seconds_per_call, write_json, write_markdown)
 
@@ -41,6 +46,11 @@ MODELS = {
     # one B/C group, chunk 256): the SSD kernels, the gated norm and the conv.
     "mamba2-130m": dict(hidden_size=768, num_hidden_layers=24, batch=8, mamba2=True),
     "mamba2-1.3b": dict(hidden_size=2048, num_hidden_layers=48, batch=2, mamba2=True),
+    # A ~1.2B Nemotron-H (transformers_baselines.nemotron_h_config): the hybrid row.
+    "nemotron_h-1b": dict(batch=2, hybrid=True),
+    # Transformer baselines (transformers_baselines.py), ops "transformers" only.
+    "pythia-160m": dict(batch=8),
+    "pythia-1.4b": dict(batch=2),
 }
 RUNS = [
     # (model, mode, ops path, batch override)
@@ -64,18 +74,28 @@ RUNS = [
     ("mamba2-130m", "full", "fused", None),
     ("mamba2-1.3b", "lora", "fused", 2),
     ("mamba2-1.3b", "lora", "fused+bf16-frozen", 2),
+    # Issue 18's hybrid row: mamba-ft with adapters on every buffer (Mamba, attention, MLP)
+    ("nemotron_h-1b", "lora", "fused", 2),
+    ("nemotron_h-1b", "lora", "fused+bf16-frozen", 2),
+    # Baselines in the same run (transformers_baselines.py): plain transformers (+ PEFT), with
+    # mamba_ssm's Triton SSD patched into its Mamba-2 mixers (--mamba-ssm-src)
+    ("pythia-160m", "full", "transformers", None),
+    ("pythia-1.4b", "lora", "transformers", 2),
+    ("mamba2-130m", "full", "transformers+mamba_ssm", None),
+    ("mamba2-1.3b", "lora", "transformers+mamba_ssm", 2),
+    ("nemotron_h-1b", "lora", "transformers+mamba_ssm", 2),
 ]
 
 
 def build(name: str):
     shape = MODELS[name]
     if shape.get("mamba2"):
-        d_inner = 2 * shape["hidden_size"]
-        config = dict(model_type="mamba2", vocab_size=50280, hidden_size=shape["hidden_size"],
-                      num_hidden_layers=shape["num_hidden_layers"], expand=2, head_dim=64,
-                      num_heads=d_inner // 64, n_groups=1, state_size=128, conv_kernel=4,
-                      chunk_size=256, tie_word_embeddings=True, use_cache=False)
+        config = transformers_baselines.mamba2_config(shape["hidden_size"],
+                                                      shape["num_hidden_layers"])
         return load_model(config, need_tokenizer=False, seed=0).model
+    if shape.get("hybrid"):
+        return load_model(transformers_baselines.nemotron_h_config(), need_tokenizer=False,
+                          seed=0).model
     config = dict(model_type="mamba", vocab_size=50280, hidden_size=shape["hidden_size"],
                   num_hidden_layers=shape["num_hidden_layers"], state_size=16, expand=2,
                   conv_kernel=4, use_cache=False)
@@ -83,6 +103,7 @@ def build(name: str):
 
 
 _ACCELERATOR = None
+_SSD_CALLS = None  # mamba_ssm's patched-in SSD calls (--mamba-ssm-src), for the baselines
 
 
 def _bf16_accelerator():
@@ -101,8 +122,12 @@ def make_step(name, mode, path, batch, L):
     Shared with benchmarks/profile_step.py, so the profile is of exactly this step.
     """
     ops, *options = path.split("+")
+    if ops == "transformers":
+        return transformers_baselines.make_step(name, mode, batch, L, _bf16_accelerator(),
+                                                _SSD_CALLS)
     os.environ["MAMBA_FT_OPS"] = ops if ops == "reference" else "auto"
-    model = build(name).cuda().train()
+    with torch.device("cuda"):  # random init on the GPU: seconds, where the CPU takes a minute
+        model = build(name).train()
     if "recompute" in options:
         set_recompute_ssm(model, True)
     if "blocks" in options:  # model.checkpoint_blocks
@@ -164,17 +189,24 @@ def run(name, mode, path, batch, L, steps, warmup):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=list(MODELS), default=None)
+    p.add_argument("--only", nargs="+", choices=list(MODELS), default=None,
+                   help="run only the rows of these models")
     p.add_argument("--ops", nargs="+", default=None, help="run only the rows with these ops")
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--L", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    p.add_argument("--mamba-ssm-src", type=Path, default=None,
+                   help="an unpacked mamba_ssm source tree: its Triton SSD for the transformers "
+                        "Mamba-2 baselines (without it those rows fail, saying so)")
     args = p.parse_args()
-    info = gpu_run_info()
+    global _SSD_CALLS
+    if args.mamba_ssm_src is not None:
+        _SSD_CALLS = transformers_baselines.patch_mamba_ssm_ssd(args.mamba_ssm_src)
+    info = gpu_run_info(mamba_ssm=str(args.mamba_ssm_src))
     rows = []
     for name, mode, path, batch in RUNS:
-        if ((args.only and name != args.only) or (args.ops and path not in args.ops)
+        if ((args.only and name not in args.only) or (args.ops and path not in args.ops)
                 or (path == "reference" and args.no_reference)):
             continue
         batch = batch or MODELS[name]["batch"]
