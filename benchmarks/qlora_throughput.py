@@ -12,7 +12,10 @@ checkpointed as `model.checkpoint_blocks` does; default none and ssm; at every -
 - bf16-frozen: the frozen base stored in bf16 (`precision.frozen_base: bf16`);
 - nf4: the mixers' in_proj / out_proj quantised to nf4 (double quantisation, compute dtype
   bf16; `QuantizeConfig(kind="nf4")`), the rest of the frozen base in bf16;
-- int8: the same modules in bitsandbytes' row-wise int8, the rest in bf16.
+- nf4-embeddings: the same, and the input embedding (vocab x d_model) in nf4 too, which the
+  tied lm_head reads (`QuantizeConfig(kind="nf4", modules=["in_proj", "out_proj",
+  "embeddings"])`; docs/quantization.md): the embeddings are the largest bf16 tensor left;
+- int8: the same modules as nf4 in bitsandbytes' row-wise int8, the rest in bf16.
 The model is built the way the training loop builds it (models/quantize.py, training/setup.py):
 quantise, recompute, attach adapters, then `PrecisionPolicy(mode="bf16", frozen_base="bf16")`
 (recurrence parameters, norms and adapters fp32, every other frozen weight bf16). To stay
@@ -26,7 +29,7 @@ built; `resident GiB` is what the built model holds before the first step), the 
 bytes (every base parameter and buffer; a quantised matrix counted by its real storage,
 bitsandbytes' packed data plus its quantisation state; `mamba_ft.models.quantize.
 base_weight_bytes`) and their ratio to the bf16 base's, the same for the quantised modules
-alone, and the trainable parameters.
+alone (the embeddings among them for nf4-embeddings), and the trainable parameters.
 
 Comparison (1.4B shape only, --no-baseline to skip): transformers + PEFT + bitsandbytes QLoRA.
 The same random-init weights are saved to a temporary directory and loaded by transformers'
@@ -79,7 +82,13 @@ MODELS = {
     # --cpu-dry-run only: the same code end to end on a shape the CPU runs in seconds.
     "tiny": dict(hidden_size=64, num_hidden_layers=2, vocab_size=1024),
 }
-BASES = ["bf16-frozen", "nf4", "int8"]
+# Each quantised base's model.quantize (compute dtype bf16, as precision.mode bf16 resolves it).
+QUANTIZED_BASES = {
+    "nf4": dict(kind="nf4"),
+    "nf4-embeddings": dict(kind="nf4", modules=["in_proj", "out_proj", "embeddings"]),
+    "int8": dict(kind="int8"),
+}
+BASES = ["bf16-frozen", *QUANTIZED_BASES]
 BASELINE = "hf+peft nf4"
 NAME = "qlora_throughput"
 
@@ -182,7 +191,7 @@ def build_row_model(master, base: str, recompute: str, device: torch.device):
     model = copy.deepcopy(master).to(device)
     facts = {}
     if base != "bf16-frozen":
-        report = quantize_model(model, QuantizeConfig(kind=base, compute_dtype="bfloat16"))
+        report = quantize_model(model, QuantizeConfig(**QUANTIZED_BASES[base], compute_dtype="bfloat16"))
         facts["quantized_modules"] = sorted(report.rows)
         facts["quantized_params"] = sum(r[1] for r in report.rows.values())
         facts["quantized_bf16_bytes"] = sum(r[2] for r in report.rows.values())
@@ -413,7 +422,8 @@ def table_lines(info: dict, rows: list[dict], args) -> list[str]:
     lines = [f"{device_and_versions(info)}, bitsandbytes {info['bitsandbytes']}, transformers "
              f"{info['transformers']}, PEFT {info['peft']}; {info['date']}; L={args.L}, bf16 autocast "
              f"(Accelerate), fused AdamW, LoRA rank 8 on all targets, random init; frozen base in bf16 "
-             f"(nf4: double quantisation, compute dtype bf16; in_proj/out_proj quantised), "
+             f"(nf4: double quantisation; compute dtype bf16; in_proj/out_proj quantised, "
+             f"nf4-embeddings: the embeddings too, read by the tied lm_head), "
              f"{args.warmup} warm-up + {args.steps} timed steps"
              + (f"; {BASELINE}: transformers' slow Mamba path, LoRA on in_proj + x_proj, its own "
                 f"loss, 1 warm-up + {args.baseline_steps} timed" if any(r["base"] == BASELINE for r in rows)
@@ -423,7 +433,8 @@ def table_lines(info: dict, rows: list[dict], args) -> list[str]:
              "frozen base weight, a quantised one by its packed bytes + quantisation state; "
              "x bf16 base: against the bf16-frozen base of the same shape (the comparison's base is "
              "counted after prepare_model_for_kbit_training, which puts its unquantised weights in "
-             "fp32); in/out_proj x bf16: the quantised modules alone.",
+             "fp32); quantised x bf16: the quantised modules alone (in_proj, out_proj; "
+             "nf4-embeddings: and the embeddings).",
              ""]
     body = []
     for r in rows:
@@ -442,7 +453,7 @@ def table_lines(info: dict, rows: list[dict], args) -> list[str]:
         body.append(cells)
     lines += markdown_table(["model", "base", "options", "batch", "tokens/s", "x bf16-frozen",
                              "peak GiB", "resident GiB", "base MiB", "x bf16 base",
-                             "in/out_proj x bf16", "trainable params"], body)
+                             "quantised x bf16", "trainable params"], body)
     return lines
 
 

@@ -88,10 +88,16 @@ def describe_model(loaded) -> list[tuple[str, str]]:
                            f"state {m.ssm_state_size}, conv {m.conv_kernel_size}, "
                            f"chunk {m.chunk_size}")]
     elif loaded.is_mamba:
-        rows += [("family", f"Mamba (mamba-ft mixers: {len(found)})"),
+        # Mamba-1 mixers: the geometry is the mixer's (the hybrids' configs name it otherwise).
+        m = found[0]
+        family = (f"{entry.name} (mamba-ft Mamba-1 mixers: {len(found)} of "
+                  f"{config.num_hidden_layers} layers)" if entry.hybrid
+                  else f"{entry.name} (mamba-ft mixers: {len(found)})")
+        heads = f", {m.n_heads} SSM heads x {m.head_dim}" if m.n_heads is not None else ""
+        rows += [("family", family),
                  ("shape", f"d_model {config.hidden_size}, {config.num_hidden_layers} layers, "
-                           f"d_inner {config.intermediate_size}, state {config.state_size}, "
-                           f"conv {config.conv_kernel}, dt rank {config.time_step_rank}")]
+                           f"d_inner {m.intermediate_size}{heads}, state {m.ssm_state_size}, "
+                           f"conv {m.conv_kernel_size}, dt rank {m.time_step_rank}")]
     else:
         rows += [("family", f"{config.model_type} (a Transformer baseline: plain transformers "
                             f"modules, PEFT LoRA)"),

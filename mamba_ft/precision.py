@@ -21,9 +21,10 @@ from torch import nn
 
 from mamba_ft.errors import UserError
 
-# Parameter names (as in transformers' Mamba / GPT-NeoX and mamba-ft adapters) kept in fp32.
+# Parameter names (as in transformers' Mamba / GPT-NeoX and mamba-ft adapters) kept in fp32;
+# Zamba's dt bias is a raw parameter, `dt_proj_bias`.
 FP32_PARAMS = re.compile(
-    r"(\.A_log$|\.D$|dt_proj\.bias$|dt_bias$|norm[^.]*\.(weight|bias)$|norm_f\.|layernorm|ln_f\."
+    r"(\.A_log$|\.D$|dt_proj[._]bias$|dt_bias$|norm[^.]*\.(weight|bias)$|norm_f\.|layernorm|ln_f\."
     r"|\.adapter\.|lora_)"
 )
 

@@ -24,7 +24,7 @@ from mamba_ft.adapters.report import AdapterReport, ReportRow
 from mamba_ft.errors import UserError
 from mamba_ft.models import mixers
 from mamba_ft.models.model_types import mamba_model_type
-from mamba_ft.modules.quantized import logical_numel
+from mamba_ft.modules.quantized import QuantizedTiedHead, logical_numel
 
 _ATTR = "mamba_ft_adapters"
 
@@ -162,7 +162,9 @@ def _attach_mamba(model: nn.Module, config: AdapterConfig, family: MixerFamily):
         module_targets[module_paths[id(emb)]] = "embeddings"
     if "lm_head" in targets:
         head = model.get_output_embeddings()
-        if not isinstance(head, nn.Linear):
+        # A head tied to quantised embeddings (QuantizedTiedHead) takes the side path on top of
+        # its logits, as a plain Linear does.
+        if not isinstance(head, (nn.Linear, QuantizedTiedHead)):
             raise UserError("adapter target 'lm_head' matches nothing: this model has no output Linear "
                             "(load it as a causal LM, e.g. MambaForCausalLM).")
         adapter = HeadAdapter(head.out_features, head.in_features, config.rank_for("lm_head"),

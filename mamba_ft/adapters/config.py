@@ -12,6 +12,7 @@ checked here already against every family's names, so a typo in a Mamba recipe f
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
@@ -101,6 +102,14 @@ MAMBA2 = TargetFamily(
     # PEFT refuses out_proj and conv1d on mamba2 and cannot wrap the gated norm.
     peft=("in_proj", "embeddings", "lm_head"),
 )
+
+# Zamba's Mamba-1 mixer (heads; x_proj / dt_proj raw parameters stacked per head) takes
+# Mamba-1's targets, each low-rank delta on x_proj, its row blocks and dt_proj per head. PEFT
+# has no LoRA for raw parameters, and transformers' Zamba calls in_proj and out_proj as modules
+# (and PEFT does not refuse out_proj for it), so those two and the model targets go to PEFT's
+# file. Its vocabulary is Mamba-1's, so it is not one more family in TARGET_FAMILIES.
+ZAMBA = dataclasses.replace(MAMBA1, name="Zamba (Mamba-1 heads)", model_type="zamba",
+                            peft=("in_proj", "out_proj", "embeddings", "lm_head"))
 
 TARGET_FAMILIES = (MAMBA1, MAMBA2)
 

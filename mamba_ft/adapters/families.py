@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from mamba_ft.adapters.config import MAMBA1, MAMBA2, TargetFamily
+from mamba_ft.adapters.config import MAMBA1, MAMBA2, ZAMBA, TargetFamily
 from mamba_ft.adapters.lora import MixerAdapter
 from mamba_ft.adapters.mamba2_lora import Mamba2MixerAdapter
 from mamba_ft.errors import UserError
-from mamba_ft.modules import MambaFTMamba2Mixer, MambaFTMixer
+from mamba_ft.modules import MambaFTMamba2Mixer, MambaFTMixer, MambaFTZambaMixer
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class MixerFamily:
 
 FAMILIES = (
     MixerFamily(MambaFTMixer, MAMBA1, MixerAdapter),
+    # Mamba-1 on heads: the same adapter, its x_proj / dt_proj deltas per head.
+    MixerFamily(MambaFTZambaMixer, ZAMBA, MixerAdapter),
     MixerFamily(MambaFTMamba2Mixer, MAMBA2, Mamba2MixerAdapter),
 )
 

@@ -3,8 +3,9 @@
 An adapter directory holds
 - `adapter_config.json` + `adapter_model.safetensors`: PEFT's LoRA format, with the targets
   plain PEFT applies correctly on transformers' model (the family's `TargetFamily.peft`:
-  Mamba-1 in_proj, x_proj, embeddings, lm_head; Mamba-2 in_proj, embeddings, lm_head; for a
-  Transformer baseline all of them), so `peft.PeftModel.from_pretrained` loads them;
+  Mamba-1 in_proj, x_proj, embeddings, lm_head; Zamba in_proj, out_proj, embeddings, lm_head;
+  Mamba-2 in_proj, embeddings, lm_head; for a Transformer baseline all of them), so
+  `peft.PeftModel.from_pretrained` loads them;
 - `mamba_ft_adapter.json`: the AdapterConfig, the base model source, the model type and the
   targets in each file;
 - `mamba_ft_adapter.safetensors` (when there are any): the targets PEFT cannot apply on a Mamba

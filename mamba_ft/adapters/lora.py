@@ -1,12 +1,14 @@
 """mamba-ft's adapter modules for Mamba models.
 
-- `LowRankDelta`: scale * B @ A on a weight matrix (A: (rank, in), B: (out, rank), fp32).
-- `MixerAdapter`: the `mixer.adapter` of one `MambaFTMixer` (Mamba-1; Mamba-2's is in
-  `mamba2_lora.py`). Given the raw `MixerWeights` it returns the weights the forward reads:
-  effective weights W + s·B·A for the small buffers the kernels take whole (x_proj, its
-  dt/B/C row blocks, dt_proj, conv1d), low-rank side paths for the big projections (in_proj,
-  out_proj: measured faster, see docs/adapters.md), and A_log / D / dt_bias plus a
-  zero-initialised fp32 delta.
+- `LowRankDelta`: scale * B @ A on a weight matrix (A: (rank, in), B: (out, rank), fp32), or
+  on each of a stack of them (A: (heads, rank, in), B: (heads, out, rank)).
+- `MixerAdapter`: the `mixer.adapter` of one `MambaFTMixer` (Mamba-1, Zamba's Mamba-1 on heads
+  too; Mamba-2's is in `mamba2_lora.py`). Given the raw `MixerWeights` it returns the weights
+  the forward reads: effective weights W + s·B·A for the small buffers the kernels take whole
+  (x_proj, its dt/B/C row blocks, dt_proj, conv1d; Zamba's x_proj and dt_proj per head, one
+  rank-r delta each), low-rank side paths for the big projections (in_proj, out_proj:
+  measured faster, see docs/adapters.md), and A_log / D / dt_bias plus a zero-initialised
+  fp32 delta of their shape.
 - `EmbeddingAdapter` / `HeadAdapter`: children of the model's input embedding and output
   Linear, applied by a forward hook (the module stays the same object, so weight tying and
   transformers' accessors keep working).
@@ -29,14 +31,19 @@ from mamba_ft.ops.projections import LowRankPath
 
 
 class LowRankDelta(nn.Module):
-    """delta = scale * lora_B @ lora_A, initialised like PEFT's LoRA (B = 0: no change at start)."""
+    """delta = scale * lora_B @ lora_A, initialised like PEFT's LoRA (B = 0: no change at start).
+
+    With `heads`, a stack of independent deltas, one per head: (heads, out, in)."""
 
     def __init__(self, out_features: int, in_features: int, rank: int, scale: float,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, heads: int | None = None):
         super().__init__()
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=torch.float32))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        stack = () if heads is None else (heads,)
+        self.lora_A = nn.Parameter(torch.empty(*stack, rank, in_features, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(*stack, out_features, rank, dtype=torch.float32))
+        # Each head's A as a matrix of its own (fan-in `in_features`, as PEFT's).
+        for a in (self.lora_A,) if heads is None else self.lora_A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
@@ -80,25 +87,32 @@ class MixerAdapter(MixerAdapterBase):
         super().__init__()
         E, R, N = mixer.intermediate_size, mixer.time_step_rank, mixer.ssm_state_size
         D, K = mixer.hidden_size, mixer.conv_kernel_size
+        # Zamba's mixer holds x_proj and dt_proj per head (`heads` of them, each over head_dim
+        # channels): their deltas are stacks of one per head. Plain Mamba-1's are one matrix.
+        heads = mixer.n_heads
+        Eh = E if heads is None else E // heads
         # (out, in) of the matrix each low-rank target changes.
-        shapes = {"in_proj": (2 * E, D), "out_proj": (D, E), "x_proj": (R + 2 * N, E),
-                  "x_proj.dt": (R, E), "x_proj.B": (N, E), "x_proj.C": (N, E),
-                  "dt_proj": (E, R), "conv1d": (E, K)}
+        shapes = {"in_proj": (2 * E, D), "out_proj": (D, E), "x_proj": (R + 2 * N, Eh),
+                  "x_proj.dt": (R, Eh), "x_proj.B": (N, Eh), "x_proj.C": (N, Eh),
+                  "dt_proj": (Eh, R), "conv1d": (E, K)}
+        per_head = ("x_proj", "x_proj.dt", "x_proj.B", "x_proj.C", "dt_proj")
         # Rows of x_proj each block covers.
         self.x_proj_rows = {"x_proj.dt": (0, R), "x_proj.B": (R, R + N), "x_proj.C": (R + N, R + 2 * N)}
-        self.x_proj_in = E
+        self.x_proj_lead = () if heads is None else (heads,)  # x_proj's leading axes
+        self.x_proj_in = Eh
         self.low_rank = nn.ModuleDict()
         for name in targets:
             if name in shapes:
                 # Only the side paths see activations, so only they take dropout.
                 p = dropout if name in ("in_proj", "out_proj") else 0.0
-                self.low_rank[module_key(name)] = LowRankDelta(*shapes[name], rank_for(name), scale_for(name), p)
+                self.low_rank[module_key(name)] = LowRankDelta(
+                    *shapes[name], rank_for(name), scale_for(name), p,
+                    heads=heads if name in per_head else None)
         self.ssm = nn.ParameterDict()
-        ssm_shapes = {"A_log": tuple(mixer.A_log.shape), "D": tuple(mixer.D.shape),
-                      "dt_bias": tuple(mixer.dt_proj.bias.shape)}
+        base = mixer.base_parameters()
         for name in targets:
-            if name in ssm_shapes:
-                self.ssm[name] = nn.Parameter(torch.zeros(ssm_shapes[name], dtype=torch.float32))
+            if name in ("A_log", "D", "dt_bias"):
+                self.ssm[name] = nn.Parameter(torch.zeros(base[name].shape, dtype=torch.float32))
 
     def _lr(self, name: str) -> LowRankDelta | None:
         key = module_key(name)
@@ -114,9 +128,10 @@ class MixerAdapter(MixerAdapterBase):
         device = next(b for b in blocks.values() if b is not None).lora_A.device
         # Rows of the blocks not adapted stay as they are (a zero delta).
         parts = [block.delta() if block is not None else
-                 torch.zeros(hi - lo, self.x_proj_in, dtype=torch.float32, device=device)
+                 torch.zeros(*self.x_proj_lead, hi - lo, self.x_proj_in, dtype=torch.float32,
+                             device=device)
                  for block, (lo, hi) in zip(blocks.values(), self.x_proj_rows.values())]
-        return torch.cat(parts, dim=0)
+        return torch.cat(parts, dim=-2)
 
     def conv_delta(self) -> torch.Tensor | None:
         conv = self._lr("conv1d")
@@ -142,21 +157,20 @@ class MixerAdapter(MixerAdapterBase):
 
     @torch.no_grad()
     def merge_into(self, mixer: nn.Module) -> None:
-        """Add every delta to the mixer's own parameters (in place)."""
+        """Add every delta to the mixer's own parameters (in place), in their layout."""
         def add(param: torch.Tensor, delta: torch.Tensor) -> None:
             param.copy_((param.float() + delta.reshape(param.shape)).to(param.dtype))
 
-        for name, module in (("in_proj", mixer.in_proj), ("out_proj", mixer.out_proj),
-                             ("dt_proj", mixer.dt_proj)):
+        base = mixer.base_parameters()
+        for name in ("in_proj", "out_proj", "dt_proj"):
             if (lr := self._lr(name)) is not None:
-                add(module.weight, lr.delta())
+                add(base[name], lr.delta())
         if (delta := self.x_proj_delta()) is not None:
-            add(mixer.x_proj.weight, delta)
+            add(base["x_proj"], delta)
         if (delta := self.conv_delta()) is not None:
-            add(mixer.conv1d.weight, delta)
-        for name, param in (("A_log", mixer.A_log), ("D", mixer.D), ("dt_bias", mixer.dt_proj.bias)):
-            if name in self.ssm:
-                add(param, self.ssm[name])
+            add(base["conv1d"], delta)
+        for name, delta in self.ssm.items():
+            add(base[name], delta)
 
 
 def module_key(target: str) -> str:

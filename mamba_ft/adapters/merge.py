@@ -3,7 +3,8 @@
 Every adapter is a delta on a base tensor (W + s·B·A, an additive SSM delta, an embedding
 delta), so merging adds it in fp32 and removes the adapter. A tied input/output embedding
 whose one side is adapted is untied first (the two matrices differ afterwards), and the
-config says so, so the saved checkpoint loads back with both.
+config says so, so the saved checkpoint loads back with both (and, as transformers unties
+Zamba's shared block under the same flag, each use of that block holds a copy).
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from torch import nn
 
 from mamba_ft.adapters.attach import attached, detach_adapters
 from mamba_ft.adapters.io import load_adapters, read_adapter_dir
+from mamba_ft.adapters.lora import (EmbeddingAdapter, HeadAdapter, add_module_adapter,
+                                    remove_module_adapter)
 from mamba_ft.errors import UserError
 from mamba_ft.models import mixers
+from mamba_ft.models.swap import unshare_tied_blocks
 from mamba_ft.models.quantize import QuantizeConfig, dequantize_model
 
 
@@ -44,6 +48,26 @@ def _untie_adapted_embeddings(model: nn.Module, record) -> None:
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
     if text_config is not None:
         text_config.tie_word_embeddings = False
+    # transformers ties Zamba's shared block under the same flag: each use keeps a copy (the
+    # adapters in it are copied too, and each copy merges its own).
+    unshare_tied_blocks(model)
+
+
+def dequantize_keeping_adapters(model: nn.Module) -> int:
+    """`dequantize_model` (returns its count), with the embedding / head adapters moved onto the
+    plain modules that replace a quantised embedding and its tied head (they are children of
+    the module they adapt, applied by its forward hook)."""
+    lifted = []
+    for get in (model.get_input_embeddings, model.get_output_embeddings):
+        module = get()
+        adapter = getattr(module, "adapter", None) if module is not None else None
+        if isinstance(adapter, (EmbeddingAdapter, HeadAdapter)):
+            remove_module_adapter(module)
+            lifted.append((get, adapter))
+    replaced = dequantize_model(model)
+    for get, adapter in lifted:
+        add_module_adapter(get(), adapter)
+    return replaced
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:
@@ -51,9 +75,9 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     record = attached(model)
     if record is None:
         raise UserError("There are no adapters attached to this model to merge; load or attach them first.")
-    # A quantised base (QLoRA) becomes plain fp32 Linears holding the dequantised matrices, the
-    # weights the adapters were trained against; the deltas are then added to those.
-    dequantize_model(model)
+    # A quantised base (QLoRA) becomes plain fp32 Linears (and embedding) holding the dequantised
+    # matrices, the weights the adapters were trained against; the deltas are then added to those.
+    dequantize_keeping_adapters(model)
     _untie_adapted_embeddings(model, record)
     with torch.no_grad():
         if record.is_mamba:

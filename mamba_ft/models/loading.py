@@ -37,7 +37,7 @@ from transformers import (
 )
 
 from mamba_ft.errors import UserError
-from mamba_ft.models.model_types import NOT_YET, mamba_model_type, supported_names
+from mamba_ft.models.model_types import mamba_model_type, supported_names
 from mamba_ft.models.mamba_ssm_format import (is_mamba_ssm_config, load_mamba_ssm_dir,
                                              unsafe_pickle_message)
 from mamba_ft.models.quantize import (QuantizationReport, QuantizeConfig, adopt_prequantized,
@@ -129,9 +129,6 @@ def check_family(model_type: str | None, where: str, allow_transformers: bool) -
     mamba-ft cannot load as asked."""
     if mamba_model_type(model_type) is not None:
         return True
-    if model_type in NOT_YET:
-        raise UserError(f"{where} is a {NOT_YET[model_type]} model ({model_type!r}), which mamba-ft "
-                        f"does not serve yet; it serves {supported_names()}.")
     if not allow_transformers:
         raise UserError(f"{where} is a {model_type!r} model, not one with Mamba layers "
                         f"({supported_names()}); point to such a checkpoint, or load it as a "

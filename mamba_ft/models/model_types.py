@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from mamba_ft.modules import MambaFTMamba2Mixer, MambaFTMixer
+from mamba_ft.modules import MambaFTMamba2Mixer, MambaFTMixer, MambaFTZambaMixer
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,11 @@ class MambaModelType:
     # transformers' mask builder (`models.packed_position_ids`); one that does not would let
     # documents attend to each other, so packing is refused for it.
     packs: bool = True
+    # "module:Class" of blocks transformers builds once per use but ties by weights (Zamba's
+    # shared attention + MLP: one copy per hybrid layer, all holding the same tensors, tied
+    # while config.tie_word_embeddings is true). The swap makes them one module, as the weights
+    # are one, so an adapter on them is one adapter too (and merges into the one weight).
+    tied_blocks: tuple[str, ...] = ()
     example_checkpoint: str = ""  # a Hub id of this type, for messages and recipes
 
     def load_class(self, path: str) -> type:
@@ -78,17 +83,14 @@ MODEL_TYPES: dict[str, MambaModelType] = {t.model_type: t for t in (
                    example_checkpoint="ibm-granite/granite-4.0-h-tiny"),
     MambaModelType("falcon_h1", "Falcon-H1", _T + "falcon_h1.modeling_falcon_h1:FalconH1Mixer",
                    MambaFTMamba2Mixer, hybrid=True, example_checkpoint="tiiuae/Falcon-H1-1.5B-Instruct"),
+    MambaModelType("zamba", "Zamba", _T + "zamba.modeling_zamba:ZambaMambaMixer",
+                   MambaFTZambaMixer, hybrid=True,
+                   tied_blocks=(_T + "zamba.modeling_zamba:ZambaAttentionDecoderLayer",),
+                   example_checkpoint="Zyphra/Zamba-7B-v1"),
     MambaModelType("zamba2", "Zamba2", _T + "zamba2.modeling_zamba2:Zamba2MambaMixer",
                    MambaFTMamba2Mixer, ignored_keywords=frozenset({"position_embeddings"}),
                    hybrid=True, example_checkpoint="Zyphra/Zamba2-1.2B"),
 )}
-
-# Model types with Mamba mixers that mamba-ft does not serve yet: a clear refusal, not a
-# Transformer load that would leave transformers' mixers (and their raw-weight fused paths) in.
-NOT_YET = {
-    "zamba": "Zamba (Mamba-1 layers beside a shared attention block)",
-    "falcon_h1": "Falcon-H1 (Mamba-2 layers with muP multipliers beside attention)",
-}
 
 
 def mamba_model_type(model_type: str | None) -> MambaModelType | None:

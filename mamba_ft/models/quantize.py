@@ -3,11 +3,13 @@
 `model.quantize` in a recipe (`QuantizeConfig`) names the format (`nf4`, `fp4`, `int8`) and
 which modules hold it: by default every mixer's `in_proj` and `out_proj` (Mamba-1 and Mamba-2),
 the bulk of a Mamba's parameters. x_proj, dt_proj (Mamba-1), conv1d, the norms and the recurrence parameters stay in the
-compute dtype (small, read whole by the kernels and by the adapters' effective weights); the
-embeddings stay too (bitsandbytes 0.50's Embedding4bit/Embedding8bit cannot write a state
-dict, so no checkpoint or merge could be made), and so does lm_head (transformers'
-`MambaForCausalLM.forward` casts the hidden states to `lm_head.weight.dtype`, which for a
-quantised head is its packed uint8 / int8 storage: wrong logits and no gradient).
+compute dtype (small, read whole by the kernels and by the adapters' effective weights).
+`embeddings` may be named too (off by default): the input embedding becomes mamba-ft's
+`QuantizedEmbedding` (bitsandbytes 0.50's Embedding4bit/Embedding8bit cannot write a state
+dict), and a head tied to it (Mamba's lm_head) a `QuantizedTiedHead` reading the same
+quantised table. `lm_head` alone is refused: transformers' `MambaForCausalLM.forward` casts the
+hidden states to `lm_head.weight.dtype`, which for a bitsandbytes head is its packed uint8 /
+int8 storage (wrong logits and no gradient); an untied head stays in the compute dtype.
 
 The quantised modules are bitsandbytes' own `Linear4bit` (weight a `Params4bit`) and
 `Linear8bitLt` (an `Int8Params`), so state dicts, `save_pretrained` and memory are real.
@@ -19,8 +21,9 @@ base.
 - `quantize_model(model, config)`: quantise a loaded Mamba in place; returns the report.
 - `check_prequantized(...)`: a checkpoint saved quantised (transformers' `quantization_config`)
   must agree with the recipe; transformers' own bitsandbytes loader then reads it.
-- `dequantize_model(model)`: plain Linears holding the dequantised matrices (for merging: the
-  merged weights are the ones the adapters were trained against).
+- `dequantize_model(model)`: plain Linears (and a plain embedding, a tied head) holding the
+  dequantised matrices (for merging: the merged weights are the ones the adapters were
+  trained against).
 """
 
 from __future__ import annotations
@@ -36,11 +39,15 @@ from mamba_ft.errors import UserError, did_you_mean
 from mamba_ft.models.swap import mixers
 from mamba_ft.modules.mamba2_mixer import MambaFTMamba2Mixer
 from mamba_ft.modules.mamba_mixer import MambaFTMixer
-from mamba_ft.modules.quantized import dequantized_weight, is_quantized, quantization_kind
+from mamba_ft.modules.zamba_mixer import MambaFTZambaMixer
+from mamba_ft.modules.quantized import (QuantizedEmbedding, QuantizedTiedHead, dequantized_weight,
+                                        is_quantized, quantization_kind)
 
 KINDS = ("none", "nf4", "fp4", "int8")
 MIXER_MODULES = ("in_proj", "out_proj", "x_proj", "dt_proj")
-QUANTIZABLE = MIXER_MODULES
+# Outside the mixers: the input embedding (and with it a head tied to it).
+MODEL_MODULES = ("embeddings",)
+QUANTIZABLE = MIXER_MODULES + MODEL_MODULES
 DEFAULT_MODULES = ["in_proj", "out_proj"]
 # The bitsandbytes versions this was tested with (pyproject's `qlora` extra says the same).
 TESTED_BITSANDBYTES = ">=0.50,<0.51"
@@ -63,8 +70,9 @@ class QuantizeConfig(BaseModel):
                             "float16, fp32 -> float32)")
     modules: list[str] = Field(
         default_factory=lambda: list(DEFAULT_MODULES),
-        description="which mixer modules hold quantised weights: in_proj, out_proj (default), "
-                    "x_proj, dt_proj (Mamba-1 only)")
+        description="which modules hold quantised weights: in_proj, out_proj (default), "
+                    "x_proj, dt_proj (Mamba-1 only), embeddings (the input embedding; a head "
+                    "tied to it reads the same quantised table)")
 
     @model_validator(mode="before")
     @classmethod
@@ -86,14 +94,12 @@ class QuantizeConfig(BaseModel):
     @classmethod
     def _known_modules(cls, modules: list[str]) -> list[str]:
         for name in modules:
-            if name == "embeddings":
-                raise ValueError("the embeddings cannot be quantised: bitsandbytes' Embedding4bit / "
-                                 "Embedding8bit cannot write a state dict, so no checkpoint or merge "
-                                 "could be saved; leave 'embeddings' out")
             if name == "lm_head":
-                raise ValueError("lm_head cannot be quantised: transformers' MambaForCausalLM casts "
-                                 "the hidden states to lm_head.weight.dtype, which for a quantised "
-                                 "head is its packed integer storage; leave 'lm_head' out")
+                raise ValueError("lm_head cannot be quantised on its own: transformers' Mamba casts "
+                                 "the hidden states to lm_head.weight.dtype, which for a bitsandbytes "
+                                 "head is its packed integer storage; name 'embeddings' instead (a "
+                                 "head tied to them, as Mamba's is, then reads their quantised table; "
+                                 "an untied head stays in the compute dtype) and leave 'lm_head' out")
             if name not in QUANTIZABLE:
                 raise ValueError(f"{name!r} cannot be quantised (choose from {', '.join(QUANTIZABLE)})"
                                  f"{did_you_mean(name, list(QUANTIZABLE))}")
@@ -134,6 +140,9 @@ class QuantizationReport:
     base_bytes: int = 0  # every base parameter and buffer of the model, after quantising
     source: str = "quantised at load"
     kept: list[str] = field(default_factory=list)  # the mixer modules left in the compute dtype
+    # With the embeddings quantised: "tied" (the head reads their table), "untied" (the head
+    # stays in the compute dtype) or "none" (no head); None when they are not quantised.
+    head: str | None = None
 
     def record(self) -> dict:
         """What an adapter file keeps so `mamba-ft merge` can rebuild the same base."""
@@ -153,7 +162,11 @@ class QuantizationReport:
             lines.append(f"{name:<10}{count:>9}{params:>14,}{before:>16,}{after:>15,}")
             total_before += before
             total_after += after
-        lines.append(f"kept in {self.compute_dtype}: {', '.join(self.kept + ['embeddings', 'lm_head'])}")
+        outside = {None: ["embeddings", "lm_head"], "untied": ["lm_head (untied)"]}.get(self.head, [])
+        lines.append(f"kept in {self.compute_dtype}: {', '.join(self.kept + outside)}")
+        if self.head == "tied":
+            lines.append(f"lm_head: tied to the embeddings, reads their {self.kind} table "
+                         f"(dequantised in its GEMM)")
         lines.append(f"base model: {self.base_bytes / 2**20:,.2f} MiB of weights "
                      f"({(self.base_bytes + total_before - total_after) / 2**20:,.2f} MiB unquantised)")
         return "\n".join(lines)
@@ -174,27 +187,37 @@ def quantization_of(model: nn.Module) -> QuantizationReport | None:
     return getattr(model, _ATTR, None)
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def base_weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer, with each quantised weight's statistics."""
-    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    """Bytes of every parameter and buffer, with each quantised weight's statistics (a tied
+    weight, and a quantised table that a tied head reads, once)."""
+    registered = list(model.parameters()) + list(model.buffers())
+    total = sum(_nbytes(t) for t in registered)
+    ids = {id(t) for t in registered}
     for module in model.modules():
         if is_quantized(module):
-            total += _statistics_bytes(module)
+            total += sum(_nbytes(t) for t in _statistics(module) if id(t) not in ids)
     return total
 
 
-def _statistics_bytes(module: nn.Module) -> int:
+def _statistics(module: nn.Module) -> list[torch.Tensor]:
+    """The tensors a quantised module needs beside its packed weight (row or block scales,
+    code books), wherever bitsandbytes keeps them."""
+    if isinstance(module, QuantizedEmbedding) and module.kind == "int8":
+        return [module.SCB]  # a buffer
     if quantization_kind(module) == "int8":
         scb = getattr(module.weight, "SCB", None)
-        scb = module.state.SCB if scb is None else scb
-        return scb.numel() * scb.element_size()
+        return [module.state.SCB if scb is None else scb]
     state = getattr(module.weight, "quant_state", None) or module.quant_state
-    return sum(v.numel() * v.element_size() for v in state.as_dict(packed=True).values()
-               if isinstance(v, torch.Tensor))
+    return [v for v in state.as_dict(packed=True).values() if isinstance(v, torch.Tensor)]
 
 
 def _quantized_bytes(module: nn.Module) -> int:
-    return module.weight.numel() * module.weight.element_size() + _statistics_bytes(module)
+    """A quantised module's real storage: its packed weight and its statistics."""
+    return _nbytes(module.weight) + sum(_nbytes(t) for t in _statistics(module))
 
 
 def _require_bitsandbytes(kind: str, device: torch.device):
@@ -245,9 +268,12 @@ def _quantized_linear(bnb, linear: nn.Linear, config: QuantizeConfig) -> nn.Modu
 
 # The modules each mixer family reads through `mamba_ft.modules.quantized`, and so may hold
 # quantised weights; what it keeps in the compute dtype is reported.
-_FAMILY_MODULES = {MambaFTMixer: MIXER_MODULES, MambaFTMamba2Mixer: ("in_proj", "out_proj")}
+# Zamba's x_proj / dt_proj are raw per-head parameters, not Linears: in_proj and out_proj only.
+_FAMILY_MODULES = {MambaFTMixer: MIXER_MODULES, MambaFTMamba2Mixer: ("in_proj", "out_proj"),
+                   MambaFTZambaMixer: ("in_proj", "out_proj")}
 _FAMILY_KEPT = {MambaFTMixer: ("conv1d", "A_log", "D", "norms"),
-                MambaFTMamba2Mixer: ("conv1d", "A_log", "D", "dt_bias", "norms")}
+                MambaFTMamba2Mixer: ("conv1d", "A_log", "D", "dt_bias", "norms"),
+                MambaFTZambaMixer: ("conv1d", "x_proj", "dt_proj", "A_log", "D")}
 
 
 def _quantizable_mixers(model: nn.Module, config: QuantizeConfig, where: str) -> list[nn.Module]:
@@ -265,17 +291,49 @@ def _quantizable_mixers(model: nn.Module, config: QuantizeConfig, where: str) ->
                         f"Mamba-2 mixers, and {where} has {', '.join(others)}; set model.quantize: none.")
     for mixer in all_mixers:
         allowed = _FAMILY_MODULES[type(mixer)]
-        missing = [name for name in config.modules if name not in allowed]
+        missing = [name for name in config.modules if name not in allowed and name not in MODEL_MODULES]
         if missing:
             raise UserError(f"model.quantize.modules names {', '.join(missing)}, which "
                             f"{type(mixer).__name__} does not have; {where} can quantise "
-                            f"{', '.join(allowed)}.")
+                            f"{', '.join(allowed + MODEL_MODULES)}.")
     return all_mixers
 
 
 def _targets(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module, str, nn.Module]]:
-    """(name, parent, attribute, module) for each module a config names."""
-    return [(name, mixer, name, getattr(mixer, name)) for mixer in mixers(model) for name in names]
+    """(name, parent, attribute, module) for each mixer module a config names."""
+    return [(name, mixer, name, getattr(mixer, name)) for mixer in mixers(model) for name in names
+            if name in MIXER_MODULES]
+
+
+def _quantizable_embedding(model: nn.Module, config: QuantizeConfig, where: str) -> nn.Embedding:
+    """The input embedding, when `QuantizedEmbedding` computes exactly what it does."""
+    emb = model.get_input_embeddings()
+    if type(emb) is not nn.Embedding or emb.max_norm is not None:
+        what = type(emb).__name__ if type(emb) is not nn.Embedding else "an nn.Embedding with max_norm"
+        raise UserError(f"model.quantize.modules names embeddings, but {where}'s input embedding is "
+                        f"{what}, which mamba-ft cannot quantise (it quantises a plain "
+                        f"nn.Embedding); leave embeddings out of model.quantize.modules.")
+    head = model.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is emb.weight
+    if tied and getattr(head, "bias", None) is not None:
+        raise UserError(f"model.quantize.modules names embeddings, and {where}'s output head is tied "
+                        f"to them with a bias of its own, which mamba-ft's tied quantised head does "
+                        f"not have; leave embeddings out of model.quantize.modules.")
+    return emb
+
+
+def _quantize_embeddings(model: nn.Module, emb: nn.Embedding, config: QuantizeConfig) -> str:
+    """Replace the input embedding by a `QuantizedEmbedding` and a head tied to it by a
+    `QuantizedTiedHead` reading the same table; returns "tied", "untied" or "none" (no head)."""
+    head = model.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is emb.weight
+    double = True if config.double_quant is None else config.double_quant
+    q = QuantizedEmbedding.quantize(emb.weight, config.kind, config.torch_dtype(), double,
+                                    padding_idx=emb.padding_idx)
+    model.set_input_embeddings(q)
+    if tied:
+        model.set_output_embeddings(QuantizedTiedHead(q))
+    return "tied" if tied else "untied" if head is not None else "none"
 
 
 def quantize_model(model: nn.Module, config: QuantizeConfig, where: str = "this model") -> QuantizationReport | None:
@@ -289,6 +347,7 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, where: str = "this 
     if quantization_of(model) is not None or any(is_quantized(m) for m in model.modules()):
         raise UserError(f"{where} is already quantised; quantise a full-precision model once.")
     families = {type(m) for m in _quantizable_mixers(model, config, where)}
+    emb = _quantizable_embedding(model, config, where) if "embeddings" in config.modules else None
     bnb = _require_bitsandbytes(config.kind, next(model.parameters()).device)
     report = QuantizationReport(config.kind, None if config.kind == "int8" else
                                 (True if config.double_quant is None else config.double_quant),
@@ -304,6 +363,10 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, where: str = "this 
         row[1] += linear.weight.numel()
         row[2] += before
         row[3] += _quantized_bytes(q)
+    if emb is not None:
+        report.head = _quantize_embeddings(model, emb, config)
+        report.rows["embeddings"] = [1, emb.weight.numel(), emb.weight.numel() * dtype.itemsize,
+                                     _quantized_bytes(model.get_input_embeddings())]
     report.base_bytes = base_weight_bytes(model)
     object.__setattr__(model, _ATTR, report)
     return report
@@ -332,6 +395,11 @@ def check_prequantized(qc: dict, config: QuantizeConfig | None, where: str) -> Q
         raise UserError(f"{where} is saved quantised ({described}) but model.quantize is {asked}; set "
                         f"model.quantize: {kind}, or load a full-precision checkpoint to quantise it "
                         f"as {asked}.")
+    if "embeddings" in config.modules:  # checked before transformers loads the weights
+        raise UserError(f"{where} is saved quantised by transformers, which keeps its embeddings in "
+                        f"full precision, and mamba-ft quantises the embeddings of a full-precision "
+                        f"checkpoint only; leave embeddings out of model.quantize.modules, or "
+                        f"quantise a full-precision checkpoint.")
     if config.double_quant is not None and double is not None and config.double_quant != double:
         raise UserError(f"{where} is saved quantised ({described}) but model.quantize.double_quant is "
                         f"{str(config.double_quant).lower()}; set it to {str(double).lower()} (or leave "
@@ -378,9 +446,29 @@ def adopt_prequantized(model: nn.Module, config: QuantizeConfig, where: str) -> 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     """Replace every bitsandbytes Linear by an nn.Linear holding its dequantised matrix in
-    `dtype` (fp32 holds every dequantised value exactly); returns how many. The model is a
-    plain transformers model afterwards (its config loses any quantization_config)."""
+    `dtype` (fp32 holds every dequantised value exactly), a `QuantizedEmbedding` by an
+    nn.Embedding holding its dequantised table, and a `QuantizedTiedHead` by an nn.Linear tied
+    to that table; returns how many quantised modules (the tied head holds none). The model is a
+    plain transformers model afterwards (its config loses any quantization_config). Adapters
+    living on a replaced embedding or head are not moved (`merge_adapters` moves them)."""
     replaced = 0
+    tables: dict[int, nn.Parameter] = {}  # id(QuantizedEmbedding) -> its dequantised table
+    for parent in list(model.modules()):
+        for attr, child in list(parent.named_children()):
+            if isinstance(child, QuantizedEmbedding):
+                plain = nn.Embedding(child.num_embeddings, child.embedding_dim,
+                                     padding_idx=child.padding_idx, device="meta")
+                plain.weight = tables[id(child)] = nn.Parameter(child.dequantize(dtype), requires_grad=False)
+                setattr(parent, attr, plain)
+                replaced += 1
+    for parent in list(model.modules()):
+        for attr, child in list(parent.named_children()):
+            if isinstance(child, QuantizedTiedHead):
+                plain = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
+                table = tables.get(id(child.embedding))
+                plain.weight = table if table is not None else nn.Parameter(
+                    child.embedding.dequantize(dtype), requires_grad=False)
+                setattr(parent, attr, plain)
     for parent in list(model.modules()):
         for attr, child in list(parent.named_children()):
             if not is_quantized(child):

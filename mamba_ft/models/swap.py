@@ -1,13 +1,15 @@
 """Replace transformers' Mamba mixers (and a pure Mamba's RMSNorms) by mamba-ft's, in place.
 
 Which transformers classes are replaced, and by what, is `mamba_ft.models.model_types`: the
-Mamba-1 mixers (Mamba, FalconMamba, Jamba) and the Mamba-2 mixers (Mamba-2 and the hybrids'),
-whose gated norm the mixer takes over; and the pure Mamba models' RMSNorms (the same formula)
-for their blocks' and final norms.
+Mamba-1 mixers (Mamba, FalconMamba, Jamba, Zamba's on heads) and the Mamba-2 mixers (Mamba-2
+and the hybrids'), whose gated norm the mixer takes over; and the pure Mamba models' RMSNorms
+(the same formula) for their blocks' and final norms. A type's weight-tied blocks (Zamba's
+shared attention) become one module.
 """
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 
 import torch
@@ -26,6 +28,7 @@ def _class_path(cls: type) -> str:
 # by name imports no modeling module a model does not use.
 _MIXERS = {t.mixer_class: t for t in MODEL_TYPES.values()}
 _NORMS = {path for t in MODEL_TYPES.values() for path in t.norm_classes}
+_TIED_BLOCKS = {path for t in MODEL_TYPES.values() for path in t.tied_blocks}
 
 
 def _swap(model: nn.Module, replace) -> int:
@@ -54,10 +57,55 @@ def swap_mixers(model: nn.Module) -> int:
     the same tensors.
 
     Returns how many were swapped. Parameter names and shapes do not change, so state dicts,
-    optimizers built afterwards and `save_pretrained` behave as with plain transformers.
+    optimizers built afterwards and `save_pretrained` behave as with plain transformers. The
+    type's weight-tied blocks become one module first (`share_tied_blocks`).
     """
     warn_if_untested_transformers()
+    share_tied_blocks(model)
     return _swap(model, _mamba_ft_mixer)
+
+
+def share_tied_blocks(model: nn.Module) -> int:
+    """Make every use of a weight-tied block (`MambaModelType.tied_blocks`) the first one's
+    module; returns how many uses were replaced.
+
+    transformers' Zamba builds its shared attention + MLP block once per hybrid layer and ties
+    the copies' parameters. They compute the same, but PEFT and the hybrid adapters see one
+    module per copy, so each would get an adapter of its own while the weight they change is
+    one: a merge would add them all to it. One module holds one adapter, trained by every use
+    and merged once. Parameter names and the state dict do not change (the copies' parameters
+    already were the same tensors).
+    """
+    first: dict[tuple[int, ...], nn.Module] = {}
+
+    def shared(child: nn.Module) -> nn.Module | None:
+        if _class_path(type(child)) not in _TIED_BLOCKS:
+            return None
+        params = tuple(id(p) for p in child.parameters())
+        kept = first.setdefault(params, child) if params else child
+        return None if kept is child else kept
+
+    return _swap(model, shared)
+
+
+def unshare_tied_blocks(model: nn.Module) -> int:
+    """Undo `share_tied_blocks`: every use of a tied block after the first gets a copy of its
+    own (equal weights, no longer the same tensors); returns how many.
+
+    transformers ties Zamba's shared block only while `config.tie_word_embeddings` is true: a
+    checkpoint whose embeddings were untied (a merge of an embeddings or lm_head adapter) must
+    hold every copy, or transformers would load all but the first as missing."""
+    seen: set[int] = set()
+
+    def own_copy(child: nn.Module) -> nn.Module | None:
+        if _class_path(type(child)) not in _TIED_BLOCKS:
+            return None
+        if id(child) not in seen:
+            seen.add(id(child))
+            return None
+        return copy.deepcopy(child)
+
+    return _swap(model, own_copy)
 
 
 def swap_norms(model: nn.Module) -> int:

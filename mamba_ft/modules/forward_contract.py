@@ -6,9 +6,9 @@ step start from an empty state); a cache that records past states for rollback (
 speculative decoding) is refused, because the mixers do not write that history. Both mixers
 keep the contract through these helpers.
 
-One difference between the families: transformers' `MambaBlock` calls its mixer with the cache
-and the mask only, but `Mamba2Block` hands the mixer every keyword the model's forward got
-(`TransformersKwargs`). Some of those only ask the model for outputs or normalise its loss and
+transformers' `MambaBlock` calls its mixer with the cache and the mask only, but `Mamba2Block`
+(and the hybrids' blocks, Zamba's Mamba-1 ones included) hands the mixer every keyword the
+model's forward got (`TransformersKwargs`). Some of those only ask the model for outputs or normalise its loss and
 mean nothing to a mixer; making them errors would break `model(ids, output_hidden_states=True)`
 and trainers that pass `num_items_in_batch`. They are named here, one by one, and ignored.
 The others (`seq_idx`, `cu_seq_lens_q`, `position_ids`, ... : packing information the mixer does

@@ -5,6 +5,10 @@ The module owns exactly the parameters transformers' mixer owns, under the same 
 unchanged. What differs is the forward: every weight the computation reads comes from
 `mixer_weights()`, one place where adapters (see `mamba_ft.adapters`) substitute effective
 weights, and every op goes through `mamba_ft.ops`, which picks the fused kernels on CUDA.
+
+The forward is in_proj -> conv -> selective SSM (x_proj -> dt_proj -> gated scan) -> out_proj;
+`_selective_ssm` / `_selective_step` are the SSM over one set of channels, the one place a
+variant that splits the channels into heads (Zamba's, `zamba_mixer.py`) runs per head.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mamba_ft import ops
-from mamba_ft.modules.forward_contract import (one_cache, refuse_recording_cache,
-                                               refuse_unknown_keywords)
+from mamba_ft.modules.forward_contract import (OUTPUT_ONLY_KEYWORDS, one_cache,
+                                               refuse_recording_cache, refuse_unknown_keywords)
 from mamba_ft.modules.quantized import dense_weight, projection_weight
 from mamba_ft.ops.projections import (LowRankPath, QuantizedWeight, channels_first,
                                       channels_first_to_rows, rows_to_channels_first)
@@ -35,6 +39,10 @@ class MixerWeights:
     `in_proj_weight` / `out_proj_weight` are quantised (`QuantizedWeight`) when the model's base
     is (`mamba_ft.models.quantize`): the projections' GEMMs dequantise them as they run. Every
     other field is a tensor.
+
+    Shapes are the mixer's own: x_proj (R + 2N, d_inner), dt_proj (d_inner, R), dt_bias and D
+    (d_inner,), A_log (d_inner, N); a mixer with SSM heads (Zamba's) stacks each per head, with
+    a leading heads axis and head_dim in place of d_inner.
     """
 
     in_proj_weight: torch.Tensor | QuantizedWeight
@@ -70,6 +78,10 @@ def _weightless_rms(t: torch.Tensor, dim: int, eps: float) -> torch.Tensor:
 class MambaFTMixer(nn.Module):
     """Drop-in for transformers' `MambaMixer` (same parameters, same forward signature)."""
 
+    # One SSM over all d_inner channels; a variant on heads (Zamba's) says how many, and holds
+    # x_proj, dt_proj, dt_bias, A_log and D stacked per head.
+    n_heads: int | None = None
+
     def __init__(self, hf_mixer: nn.Module):
         super().__init__()
         # Take over the modules and parameters of the transformers mixer (no copies), so a
@@ -84,14 +96,7 @@ class MambaFTMixer(nn.Module):
             raise ValueError(
                 f"mamba-ft's mixer supports hidden_act 'silu' only, not {hf_mixer.activation!r}"
             )
-        # Registration order as in transformers, so named_parameters() lists the same order.
-        self.conv1d = hf_mixer.conv1d
-        self.in_proj = hf_mixer.in_proj
-        self.x_proj = hf_mixer.x_proj
-        self.dt_proj = hf_mixer.dt_proj
-        self.A_log = hf_mixer.A_log
-        self.D = hf_mixer.D
-        self.out_proj = hf_mixer.out_proj
+        self._take_parameters(hf_mixer)
         # Set by adapters.attach_adapters(); None means the raw weights are used.
         self.adapter: nn.Module | None = None
         # Set by `mamba_ft.models.document_starts` for packed batches: (batch, L) bool.
@@ -99,6 +104,9 @@ class MambaFTMixer(nn.Module):
         # Set by `mamba_ft.models.set_recompute_ssm`: trade one more forward of the SSM
         # branch in the backward for not storing its activations.
         self.recompute_ssm = False
+        # Set by the swap from the model type's entry (`mamba_ft.models.model_types`): keywords
+        # that model's blocks pass and a mixer has no use for.
+        self.ignored_keywords: frozenset[str] = frozenset()
         # FalconMamba normalises dt, B and C (RMS over each position's R, N, N values, no
         # weight) before the scan; its mixer carries the epsilon, plain Mamba's does not.
         self.bcdt_rms_eps: float | None = getattr(hf_mixer, "rms_eps", None)
@@ -110,6 +118,24 @@ class MambaFTMixer(nn.Module):
             self.c_layernorm = hf_mixer.c_layernorm
         else:
             self.dt_layernorm = self.b_layernorm = self.c_layernorm = None
+
+    def _take_parameters(self, hf_mixer: nn.Module) -> None:
+        # Registration order as in transformers, so named_parameters() lists the same order.
+        self.conv1d = hf_mixer.conv1d
+        self.in_proj = hf_mixer.in_proj
+        self.x_proj = hf_mixer.x_proj
+        self.dt_proj = hf_mixer.dt_proj
+        self.A_log = hf_mixer.A_log
+        self.D = hf_mixer.D
+        self.out_proj = hf_mixer.out_proj
+
+    def base_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameter each adapter target changes (merging adds its delta there), by target
+        name, in this mixer's layout (conv1d's weight is (d_inner, 1, width))."""
+        return {"in_proj": self.in_proj.weight, "conv1d": self.conv1d.weight,
+                "x_proj": self.x_proj.weight, "dt_proj": self.dt_proj.weight,
+                "dt_bias": self.dt_proj.bias, "A_log": self.A_log, "D": self.D,
+                "out_proj": self.out_proj.weight}
 
     def raw_weights(self) -> MixerWeights:
         # A bitsandbytes-quantised projection's .weight is packed bytes, never a matrix to read:
@@ -137,11 +163,14 @@ class MambaFTMixer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask=None, *,
                 cache_params=None, **unexpected):
         """transformers' `MambaMixer.forward`: the cache arrives as `cache` (transformers 5.24
-        and later) or `cache_params` (5.23). Any other keyword is an error, not ignored: a
-        keyword swallowed here once made every decoding step start from an empty state."""
+        and later) or `cache_params` (5.23). Blocks that hand the mixer the model's keywords
+        (Zamba's) may pass the output-only ones (`forward_contract.OUTPUT_ONLY_KEYWORDS`),
+        which are ignored, as are the model type's `ignored_keywords`; any other keyword is an
+        error, not ignored: a keyword swallowed here once made every decoding step start from
+        an empty state."""
         owner = type(self).__name__
         cache_params = one_cache(owner, cache, cache_params)
-        refuse_unknown_keywords(owner, unexpected)
+        refuse_unknown_keywords(owner, unexpected, OUTPUT_ONLY_KEYWORDS | self.ignored_keywords)
         refuse_recording_cache(cache_params, self.layer_idx)
         w = self.mixer_weights()
         seq_len = hidden_states.shape[1]
@@ -156,7 +185,7 @@ class MambaFTMixer(nn.Module):
         hidden_states = _mask_padding(hidden_states, attention_mask, time_dim=1)
         xz = rows_to_channels_first(hidden_states, w.in_proj_weight, w.in_proj_bias,
                                     w.in_proj_lora)
-        x, z = xz.chunk(2, dim=1)  # (batch, d_inner, L) each, time-contiguous
+        x, z = self._split_xz(xz)  # (batch, d_inner, L) each, time-contiguous
         A = -torch.exp(w.A_log.float())
 
         if conv_state is not None and ssm_state is not None and seq_len == 1:
@@ -177,29 +206,39 @@ class MambaFTMixer(nn.Module):
             y = self._ssm_branch(x, z, w, A, conv_state, ssm_state, attention_mask, cache_params)
         return channels_first_to_rows(y, w.out_proj_weight, w.out_proj_bias, w.out_proj_lora)
 
+    def _split_xz(self, xz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """in_proj's output (batch, 2 d_inner, L) -> x, z: Mamba-1's rows are [x | z]."""
+        return xz.chunk(2, dim=1)
+
     def _ssm_branch(self, x, z, w: MixerWeights, A, conv_state, ssm_state, attention_mask,
                     cache_params=None):
         """conv -> x_proj -> dt_proj -> gated scan over (batch, d_inner, L); same layout out."""
-        R, N = self.time_step_rank, self.ssm_state_size
         x = ops.causal_conv1d(x, w.conv_weight, w.conv_bias, initial_state=conv_state,
                               reset=self.document_starts)
         x = _mask_padding(x, attention_mask, time_dim=2)
+        result = self._selective_ssm(x, z, w, A, ssm_state, cache_params is not None)
+        if cache_params is not None:
+            result, last_state = result
+            cache_params.update_recurrent_state(last_state, self.layer_idx)
+        return result
+
+    def _selective_ssm(self, x, z, w: MixerWeights, A, ssm_state, return_last_state: bool):
+        """x_proj -> dt_proj -> gated scan of the conv output x (batch, d, L); y in the same
+        layout, and the final state (batch, d, N) when asked. `w`'s x_proj, dt_proj, dt_bias
+        and D and `A` are those of these d channels."""
+        R, N = self.time_step_rank, self.ssm_state_size
         # All (batch, channels, L), time-contiguous: B and C are views of x_proj's output in
         # the layout the scan reads. dt_proj's bias is added inside the scan, in fp32, with
         # the softplus.
         dt, B, C = torch.split(channels_first(x, w.x_proj_weight), [R, N, N], dim=1)
         dt, B, C = self._normalize_dt_B_C(dt, B, C, dim=1)
         delta = channels_first(dt, w.dt_proj_weight)
-        result = ops.selective_scan(
+        return ops.selective_scan(
             x, delta, A, B, C,
             D=w.D.float(), z=z, delta_bias=w.dt_bias.float(), delta_softplus=True,
             initial_state=ssm_state, reset=self.document_starts,
-            return_last_state=cache_params is not None,
+            return_last_state=return_last_state,
         )
-        if cache_params is not None:
-            result, last_state = result
-            cache_params.update_recurrent_state(last_state, self.layer_idx)
-        return result
 
     def _normalize_dt_B_C(self, dt, B, C, dim: int):
         """FalconMamba's weightless or Jamba's weighted RMS norms of dt, B and C over their
@@ -214,15 +253,20 @@ class MambaFTMixer(nn.Module):
 
     def _decode_step(self, x, z, w: MixerWeights, A, conv_state, ssm_state, cache_params):
         """One token with the cache: conv window and recurrent state advance by one."""
-        R, N = self.time_step_rank, self.ssm_state_size
         cache_params.update_conv_state(x.unsqueeze(-1), self.layer_idx)
         x, _ = ops.causal_conv1d_step(x, conv_state, w.conv_weight, w.conv_bias)
+        y, new_state = self._selective_step(x, z, w, A, ssm_state)
+        cache_params.update_recurrent_state(new_state, self.layer_idx)
+        return y
+
+    def _selective_step(self, x, z, w: MixerWeights, A, ssm_state):
+        """`_selective_ssm` for one token: x, z (batch, d), state (batch, d, N) -> (y, new
+        state)."""
+        R, N = self.time_step_rank, self.ssm_state_size
         dt, B, C = torch.split(F.linear(x, w.x_proj_weight), [R, N, N], dim=-1)
         dt, B, C = self._normalize_dt_B_C(dt, B, C, dim=-1)
         delta = F.linear(dt, w.dt_proj_weight)
-        y, new_state = ops.selective_state_step(
+        return ops.selective_state_step(
             ssm_state, x, delta, A, B, C, D=w.D.float(), z=z, delta_bias=w.dt_bias.float(),
             delta_softplus=True,
         )
-        cache_params.update_recurrent_state(new_state, self.layer_idx)
-        return y

@@ -72,8 +72,8 @@ def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index
 
 # Model types whose causal LM computes logits = head(last hidden states) and nothing more
 # (tests/training/test_loss.py holds each to its own logits path).
-HEAD_ONLY_TYPES = ("mamba", "mamba2", "falcon_mamba", "jamba", "bamba", "nemotron_h", "zamba2",
-                   "gpt_neox")
+HEAD_ONLY_TYPES = ("mamba", "mamba2", "falcon_mamba", "jamba", "bamba", "nemotron_h", "zamba",
+                   "zamba2", "gpt_neox")
 
 
 def _head_weight(head: nn.Module) -> torch.Tensor:

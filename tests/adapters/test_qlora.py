@@ -240,7 +240,9 @@ def test_prequantised_checkpoint_loads_when_it_agrees_and_is_refused_when_not(tm
                               (QuantizeConfig(kind="int8"), "model.quantize is int8"),
                               (QuantizeConfig(kind="nf4", double_quant=True), "double_quant is true"),
                               (QuantizeConfig(kind="nf4", modules=["in_proj", "out_proj"]),
-                               "set modules to \\[dt_proj, in_proj, out_proj, x_proj\\]")):
+                               "set modules to \\[dt_proj, in_proj, out_proj, x_proj\\]"),
+                              (QuantizeConfig(kind="nf4", modules=["in_proj", "out_proj", "embeddings"]),
+                               "keeps its embeddings in full precision")):
         with pytest.raises(UserError, match=message):
             load_model(saved, need_tokenizer=False, quantize=quantize)
 
@@ -254,14 +256,19 @@ def test_bad_quantisation_settings_are_one_clear_error(tmp_path, monkeypatch, ca
     cases = [
         (["model.quantize=nf5"], "unknown quantisation 'nf5' .choose one of none, nf4, fp4, int8. Did you mean 'nf4'"),
         (["model.quantize={kind: int8, double_quant: true}"], "double_quant applies to the 4-bit formats"),
-        (["model.quantize={kind: nf4, modules: [embeddings]}"], "embeddings cannot be quantised"),
         (["model.quantize={kind: nf4, modules: [conv1d]}"], "'conv1d' cannot be quantised"),
-        (["model.quantize={kind: nf4, modules: [lm_head]}"], "casts the hidden states to lm_head.weight.dtype"),
+        (["model.quantize={kind: nf4, modules: [lm_head]}"],
+         "lm_head cannot be quantised on its own: .* casts the hidden states to lm_head.weight.dtype.*"
+         "name 'embeddings' instead"),
+        (["model.quantize={kind: nf4, modules: [embeddings, lm_head]}"], "lm_head cannot be quantised on its own"),
         (["model.quantize=nf4", "adapter=none"], "add an adapter section"),
     ]
     for overrides, message in cases:
         with pytest.raises(UserError, match=message):
             load_recipe(recipe, [out, *overrides])
+    # The embeddings are a valid choice (docs/quantization.md; tests/adapters/test_qlora_embeddings.py).
+    recipe_ok = load_recipe(recipe, [out, "model.quantize={kind: nf4, modules: [in_proj, out_proj, embeddings]}"])
+    assert recipe_ok.model.quantize.modules == ["in_proj", "out_proj", "embeddings"]
     # Through the CLI: exit code 2 and one line.
     assert main(["train", recipe, out, "model.quantize=nf5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -83,6 +83,12 @@ HYBRID_CONFIGS = {
                   attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
                   expert_layer_offset=1, num_experts=2, num_experts_per_tok=1, mamba_d_state=16,
                   mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8),
+    # Zamba: Mamba-1 on 2 SSM heads (one scan per head on strided channel slices of in_proj's
+    # interleaved x / z rows) beside one shared attention + MLP block.
+    "zamba": dict(model_type="zamba", vocab_size=128, hidden_size=64, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=96, num_hidden_layers=4,
+                  layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], n_mamba_heads=2,
+                  mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8),
     # Mamba-2 layers (the conv kernel; the SSD scan until its kernel lands) beside attention.
     "nemotron_h": dict(model_type="nemotron_h", vocab_size=128, hidden_size=64,
                        num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,

@@ -1,6 +1,7 @@
-"""The model types beyond plain Mamba and Mamba-2: FalconMamba (Mamba-1 with B/C/dt norms) and
-the hybrids with Mamba-2 layers (Bamba, Nemotron-H, Granite-4.0-H, Zamba2), each built tiny by
-plain transformers (no downloads).
+"""The model types beyond plain Mamba and Mamba-2: FalconMamba (Mamba-1 with B/C/dt norms), the
+hybrids with Mamba-1 layers (Jamba; Zamba, its SSM on heads) and those with Mamba-2 layers
+(Bamba, Nemotron-H, Granite-4.0-H, Falcon-H1, Zamba2), each built tiny by plain transformers
+(no downloads).
 
 Reference: the same weights in plain transformers (its own mixers on their PyTorch path). fp32
 logits within 1e-5 (the two SSD implementations sum in different orders) and identical greedy
@@ -60,6 +61,13 @@ CONFIGS = {
                   mamba_dt_rank=4, use_mamba_kernels=False),
     "falcon_mamba": dict(num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4,
                          mixer_rms_eps=1e-6),
+    # Mamba-1 on 2 heads of 32 channels; two hybrid layers sharing one attention + MLP block.
+    # Weights at 5x transformers' default scale: at 0.02 the mixers move the logits by ~1e-7,
+    # too little for a wrong head (x_proj, dt_proj, A, D) to show at 1e-5.
+    "zamba": dict(num_hidden_layers=5,
+                  layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "mamba"],
+                  n_mamba_heads=2, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+                  mamba_dt_rank=4, initializer_range=0.1),
     "zamba2": dict(num_hidden_layers=4, layers_block_type=["mamba", "hybrid", "mamba", "mamba"],
                    n_mamba_heads=8, mamba_headdim=8, mamba_ngroups=2, mamba_d_state=8,
                    mamba_d_conv=4, mamba_expand=2, chunk_size=8, attention_head_dim=8,
@@ -183,12 +191,6 @@ def test_adapters_train_every_mamba_buffer_and_merge_to_plain_transformers(model
         torch.testing.assert_close(merged(ids).logits, adapter_logits, rtol=1e-4, atol=1e-4)
 
 
-def test_mamba_variants_not_served_yet_are_refused_by_name(tmp_path):
-    with pytest.raises(UserError, match="Zamba .* does not serve yet; it serves .*Jamba"):
-        load_model({"model_type": "zamba", "hidden_size": 16}, need_tokenizer=False,
-                   allow_transformers=True)
-
-
 @pytest.mark.parametrize("model_type", HYBRIDS)
 def test_hybrid_targets_choose_layer_kinds_and_linears(model_type, ids):
     model = load_model(plain(model_type).config.to_dict(), need_tokenizer=False, seed=0).model
@@ -292,17 +294,19 @@ def test_packing_is_refused_where_attention_would_cross_documents():
             check_packing(plain(model_type))  # no error
 
 
-def test_qlora_on_a_hybrid_quantises_its_mamba_projections_only(ids):
-    """model.quantize on a hybrid: the Mamba layers' in_proj / out_proj hold nf4 weights, the
-    attention and MLP stay as they were; with adapters everywhere the logits and gradients equal
-    the same model with the dequantised weights in plain Linears."""
+@pytest.mark.parametrize("model_type", ["nemotron_h", "zamba"])
+def test_qlora_on_a_hybrid_quantises_its_mamba_projections_only(model_type, ids):
+    """model.quantize on a hybrid (Mamba-2 layers; Zamba's Mamba-1 heads): the Mamba layers'
+    in_proj / out_proj hold nf4 weights, the attention and MLP (and Zamba's raw per-head x_proj /
+    dt_proj) stay as they were; with adapters everywhere the logits and gradients equal the
+    same model with the dequantised weights in plain Linears."""
     import copy
 
     pytest.importorskip("bitsandbytes")
     from mamba_ft.models.quantize import QuantizeConfig, dequantize_model, quantize_model
     from mamba_ft.modules.quantized import is_quantized
 
-    model = load_model(plain("nemotron_h").config.to_dict(), need_tokenizer=False, seed=0).model
+    model = load_model(plain(model_type).config.to_dict(), need_tokenizer=False, seed=0).model
     try:
         report = quantize_model(model, QuantizeConfig(kind="nf4"))
     except UserError as exc:  # a bitsandbytes build without a backend for this CPU
@@ -337,7 +341,8 @@ def test_precision_policy_keeps_recurrence_norms_and_adapters_fp32_in_a_hybrid(m
     PrecisionPolicy(mode="bf16", frozen_base="bf16").apply(model)
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     adapters = set(adapter_parameters(model))
-    recurrence = {n for n in dtypes if n.endswith((".A_log", ".D", ".dt_bias", "dt_proj.bias"))}
+    recurrence = {n for n in dtypes
+                  if n.endswith((".A_log", ".D", ".dt_bias", "dt_proj.bias", ".dt_proj_bias"))}
     norms = {n for n, m in model.named_modules() if "Norm" in type(m).__name__
              for n in (f"{n}.weight",) if n in dtypes}
     assert recurrence and norms
@@ -359,3 +364,153 @@ def test_info_describes_a_hybrid_and_its_targets(tmp_path, capsys):
     assert "Nemotron-H (mamba-ft Mamba-2 mixers: 2 of 4 layers)" in out
     assert "in_proj.z" in out and "attention = 4 Linears (k_proj, o_proj, q_proj, v_proj)" in out
     assert "mlp = 2 Linears (down_proj, up_proj)" in out
+
+
+@pytest.mark.parametrize("model_type", ["jamba", "zamba"])
+def test_info_describes_a_mamba1_hybrid(model_type, tmp_path, capsys):
+    """`mamba-ft info` on a hybrid with Mamba-1 layers: the geometry read from its mixers (the
+    configs name it otherwise), Zamba's SSM heads, and the attention / MLP Linears (Zamba's one
+    shared block counted once)."""
+    from mamba_ft.cli import main
+
+    reference = plain(model_type)
+    reference.save_pretrained(tmp_path)
+    main(["info", str(tmp_path / "config.json")])
+    out = capsys.readouterr().out
+    found = [m for m in reference.modules() if isinstance(m, entry(model_type).transformers_mixer())]
+    mixer, n_mamba = found[0], len(found)
+    heads = (f", {mixer.n_mamba_heads} SSM heads x {mixer.mamba_head_dim}"
+             if model_type == "zamba" else "")
+    assert (f"{entry(model_type).name} (mamba-ft Mamba-1 mixers: {n_mamba} of "
+            f"{reference.config.num_hidden_layers} layers)") in out
+    assert (f"d_inner {mixer.intermediate_size}{heads}, state {mixer.ssm_state_size}, conv "
+            f"{mixer.conv_kernel_size}, dt rank {mixer.time_step_rank}") in out
+    loaded = load_model(tmp_path, need_tokenizer=False).model
+    linears = layer_linears(loaded, mixers(loaded))
+    n_attention = sum(kind == "attention" for kind in linears.values())
+    assert n_attention == (4 if model_type == "zamba" else 4 * 2)  # Jamba: 2 attention layers
+    assert "x_proj.dt" in out
+    assert f"attention = {n_attention} Linears (k_proj, o_proj, q_proj, v_proj)" in out
+
+
+def _zamba_hybrid_layers(model):
+    return [layer for layer in model.model.layers if hasattr(layer, "shared_transf")]
+
+
+def test_zamba_shared_block_is_one_module_with_one_adapter(tmp_path, ids):
+    """transformers' Zamba builds its shared attention + MLP once per hybrid layer and ties the
+    copies' weights; mamba-ft makes them one module, so `attention` / `mlp` put one LoRA there,
+    which every use trains, and the merge adds it once. With the word embeddings still tied the
+    merged checkpoint keeps the block tied (stored once) and plain transformers gives the
+    adapter model's logits."""
+    reference = plain("zamba", seed=2)
+    reference.save_pretrained(tmp_path / "base")
+    ref_layers = _zamba_hybrid_layers(reference)
+    assert len(ref_layers) == 2 and ref_layers[0].shared_transf is not ref_layers[1].shared_transf
+    model = load_model(tmp_path / "base", need_tokenizer=False).model
+    first, second = _zamba_hybrid_layers(model)
+    assert first.shared_transf is second.shared_transf
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    report = attach_adapters(model, AdapterConfig(targets=["attention", "mlp", "x_proj.B",
+                                                           "dt_proj"], rank=2))
+    assert "attention Linears 4/4, mlp Linears 3/3" in report.format()
+    lora = {n.rsplit(".lora_", 1)[0] for n in adapter_parameters(model)
+            if ".lora_" in n and ".adapter." not in n}  # PEFT's, not the mixers'
+    assert lora == set(layer_linears(model, mixers(model)))
+    assert all(".layers.1.shared_transf." in n for n in lora)
+    # Per-head deltas on Zamba's stacked raw parameters: (heads, out, rank) / (heads, rank, in).
+    mixer = mixers(model)[0]
+    heads, head_dim = mixer.n_heads, mixer.head_dim
+    assert mixer.adapter.low_rank["x_proj_B"].lora_A.shape == (heads, 2, head_dim)
+    assert mixer.adapter.low_rank["dt_proj"].lora_B.shape == (heads, head_dim, 2)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for _, p in sorted(adapter_parameters(model).items()):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    # Both uses train the one LoRA: cutting either off (detaching the block's output where that
+    # hybrid layer's own `linear` reads it) leaves a gradient that is not the whole one.
+    q_proj = first.shared_transf.self_attn.q_proj
+    grads = []
+    for use in (None, first, second):
+        model.zero_grad()
+        hook = None if use is None else use.linear.register_forward_pre_hook(
+            lambda m, args: (args[0].detach(),))
+        try:
+            model(ids, labels=ids).loss.backward()
+        finally:
+            if hook is not None:
+                hook.remove()
+        grads.append(q_proj.lora_B["default"].weight.grad.clone())
+    both, without_first, without_second = grads
+    for part in (without_first, without_second):
+        assert part.abs().sum() > 0 and (both - part).abs().max() > 1e-3 * both.abs().max()
+    model.eval()
+    with torch.no_grad():
+        adapter_logits = model(ids).logits
+    merge_adapters(model)
+    assert first.shared_transf is second.shared_transf and model.config.tie_word_embeddings
+    model.save_pretrained(tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapter_logits, rtol=1e-4, atol=1e-4)
+    a, b = _zamba_hybrid_layers(merged)
+    assert a.shared_transf.self_attn.q_proj.weight is b.shared_transf.self_attn.q_proj.weight
+
+
+def test_zamba_merge_that_unties_the_embeddings_stores_every_copy_of_the_shared_block(tmp_path,
+                                                                                       ids):
+    """transformers ties Zamba's shared block only under tie_word_embeddings: merging an
+    embeddings adapter unties the embeddings, so each hybrid layer gets its own copy of the
+    (merged) block, and mamba-ft and plain transformers both load the checkpoint back to the
+    adapter model's logits."""
+    plain("zamba", seed=3).save_pretrained(tmp_path / "base")
+    model = load_model(tmp_path / "base", need_tokenizer=False).model
+    attach_adapters(model, AdapterConfig(targets=["embeddings", "attention"], rank=2))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, p in sorted(adapter_parameters(model).items()):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    model.eval()
+    with torch.no_grad():
+        adapter_logits = model(ids).logits
+    merge_adapters(model)
+    first, second = _zamba_hybrid_layers(model)
+    assert not model.config.tie_word_embeddings and first.shared_transf is not second.shared_transf
+    torch.testing.assert_close(first.shared_transf.self_attn.q_proj.weight,
+                               second.shared_transf.self_attn.q_proj.weight, rtol=0, atol=0)
+    model.save_pretrained(tmp_path / "merged")
+    for reloaded in (AutoModelForCausalLM.from_pretrained(tmp_path / "merged"),
+                     load_model(tmp_path / "merged", need_tokenizer=False).model):
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded.eval()(ids).logits, adapter_logits, rtol=1e-4,
+                                       atol=1e-4)
+
+
+def test_zamba_adapter_peft_file_loads_in_plain_peft(tmp_path, ids):
+    """Zamba's in_proj and out_proj are called as modules by transformers and PEFT does not
+    refuse out_proj for it: those (and embeddings / lm_head) go to the PEFT file, which
+    `PeftModel.from_pretrained` applies on plain transformers' Zamba as mamba-ft does; the rest
+    (per-head x_proj / dt_proj, conv1d, the SSM deltas) to mamba-ft's file."""
+    import json
+
+    from peft import PeftModel
+
+    plain("zamba", seed=4).save_pretrained(tmp_path / "base")
+    model = load_model(tmp_path / "base", need_tokenizer=False).model
+    attach_adapters(model, AdapterConfig(targets=["in_proj", "out_proj", "embeddings", "lm_head",
+                                                  "x_proj", "A_log"], rank=2))
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in sorted(adapter_parameters(model).items()):
+            # x_proj and A_log stay at zero: plain PEFT cannot apply them.
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1 * ("x_proj" not in name and
+                                                                 "A_log" not in name))
+    save_adapters(model, tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    meta = json.loads((tmp_path / "adapter" / "mamba_ft_adapter.json").read_text())
+    assert meta["peft_targets"] == ["embeddings", "in_proj", "lm_head", "out_proj"]
+    assert meta["mamba_ft_only_targets"] == ["A_log", "x_proj"]
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, model.eval()(ids).logits,
+                                   rtol=1e-5, atol=1e-5)

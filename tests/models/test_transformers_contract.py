@@ -2,8 +2,8 @@
 them fails here by name instead of decoding wrongly.
 
 - Each class mamba-ft swaps in (`MambaFTMixer` for `MambaMixer`, `MambaFTRMSNorm` for
-  `MambaRMSNorm` and `Mamba2RMSNorm`, and Mamba-2's `MambaFTMamba2Mixer` and
-  `MambaFTRMSNormGated`) must accept every parameter of the transformers forward it replaces, at the
+  `MambaRMSNorm` and `Mamba2RMSNorm`, Mamba-2's `MambaFTMamba2Mixer` and
+  `MambaFTRMSNormGated`, and `MambaFTZambaMixer` for `ZambaMambaMixer`) must accept every parameter of the transformers forward it replaces, at the
   same positions: a new or renamed parameter fails the contract test naming it.
 - At run time the mixer refuses keywords it does not understand, so a keyword transformers
   starts passing can never be swallowed silently (5.24 renamed `cache_params` to `cache`, and
@@ -25,13 +25,15 @@ import transformers
 from transformers import MambaForCausalLM
 from transformers.models.mamba import modeling_mamba
 from transformers.models.mamba2 import modeling_mamba2
+from transformers.models.zamba import modeling_zamba
 
 from mamba_ft.compat import SUPPORTED_TRANSFORMERS
 from mamba_ft.errors import UserError
 from mamba_ft.modules.mamba_mixer import MambaFTMixer
 from mamba_ft.models.loading import load_model
 from mamba_ft.models.swap import swap_mixers, swap_norms
-from mamba_ft.modules import MambaFTMamba2Mixer, MambaFTRMSNorm, MambaFTRMSNormGated
+from mamba_ft.modules import (MambaFTMamba2Mixer, MambaFTRMSNorm, MambaFTRMSNormGated,
+                              MambaFTZambaMixer)
 
 # Touches transformers / PEFT internals: .ci/run re-runs it on the lowest supported versions.
 pytestmark = pytest.mark.seam
@@ -41,7 +43,8 @@ GATED_NORM = getattr(modeling_mamba2, "Mamba2RMSNormGated", None) or modeling_ma
 SWAPPED = [(modeling_mamba.MambaMixer, MambaFTMixer), (modeling_mamba.MambaRMSNorm, MambaFTRMSNorm),
            (modeling_mamba2.Mamba2Mixer, MambaFTMamba2Mixer),
            (GATED_NORM, MambaFTRMSNormGated),
-           (modeling_mamba2.Mamba2RMSNorm, MambaFTRMSNorm)]
+           (modeling_mamba2.Mamba2RMSNorm, MambaFTRMSNorm),
+           (modeling_zamba.ZambaMambaMixer, MambaFTZambaMixer)]
 
 
 # transformers 5.23 names the mixer's second parameter `cache_params`, 5.24 and later `cache`;
