@@ -321,11 +321,13 @@ def test_two_processes_reproduce_single_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart_recipe_learns_and_saves(tmp_path, capsys):
+@pytest.mark.parametrize("source", ["bundled:tiny-mamba", "bundled:tiny-mamba2"])
+def test_quickstart_recipe_learns_and_saves(tmp_path, capsys, source):
     out = tmp_path / "qs"
     result = train_mod.train_from_recipe(str(REPO / "recipes/quickstart.yaml"),
                                          [f"run.output_dir={out}", "run.max_steps=8", "run.save_every=8", "run.eval_batches=2",
-                                          "logging.progress_bar=false", "run.merge_at_end=true"])
+                                          "logging.progress_bar=false", "run.merge_at_end=true",
+                                          f"model.source={source}"])
     assert result.final_eval_loss < 0.5 * result.initial_eval_loss
     assert (out / "adapter").is_dir() and any((out / "adapter").iterdir())
     assert (out / "metrics.jsonl").is_file() and (out / "loss.png").stat().st_size > 0
@@ -336,6 +338,7 @@ def test_quickstart_recipe_learns_and_saves(tmp_path, capsys):
     # The merged model is a plain checkpoint that reproduces the final eval loss.
     merged = load_model(out / "merged").model
     recipe = load_recipe(REPO / "recipes/quickstart.yaml", [f"run.output_dir={tmp_path / 'eval-merged'}",
+                                                            f"model.source={source}",
                                                             "run.max_steps=1", "optim.lr=1e-30",
                                                             "run.eval_batches=2", "adapter=none",
                                                             "logging.progress_bar=false"])
