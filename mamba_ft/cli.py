@@ -241,7 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch-size", default="8")
     p.add_argument("--max-length", default="256", help="tokens per training example")
     p.add_argument("--rank", default="8", help="LoRA rank (alpha = 2 x rank)")
-    p.add_argument("--seed", default="0", help="training seed (data order, init of the adapters)")
+    p.add_argument("--training-seeds", default="0",
+                   help="comma-separated training seeds (adapter init, data order): each fine-tunes "
+                        "both models once, and the tuned ratio gets an interval over them; use 3 or "
+                        "more (default: 0)")
+    p.add_argument("--data-seed", default=None, help="seed of the generated instruction data (default: 0)")
+    # The old single --seed: an error naming its replacements (and, being defined, it keeps
+    # argparse from reading `--seed` as an abbreviation of --seeds).
+    p.add_argument("--seed", default=None, help=argparse.SUPPRESS)
     p.add_argument("--batch-size", default="8", help="evaluation batch size of the ICL sweeps")
     p.add_argument("--online", action="store_true", help="let models and datasets come from the Hugging Face Hub")
     p.add_argument("--out", default=None, help="directory for results.json, results.md, the runs and sweeps")

@@ -7,15 +7,20 @@ faster and in less memory per token than an fp32 full fine-tune. For a Mamba and
 of the same size this module
 
 1. fine-tunes each with one recipe (adapters on `all_linear`, autocast in `precision`) through
-   the training loop, and the same model, data and steps again as an fp32 full fine-tune
-   (the cost baseline) and, unless `precision` is fp32, as fp32 with the same adapters (the
-   drift baseline); every run in out/runs/<model>-<run>/;
-2. ICL-sweeps the base models (out/icl-before/) and the tuned ones, each evaluated as its base
-   plus the adapter directory the run saved (out/icl-after/); each sweep divides the Mamba's
-   gain by the Transformer's, with the sweep's intervals;
-3. reads each run's tokens/s and peak memory from its metrics.jsonl;
-4. measures how far the adapters tuned in `precision` and in fp32 make the model's outputs
-   drift apart (`evaluation.stability.model_drift`), beside the two runs' eval losses;
+   the training loop, once per training seed (adapter init and data order, the same for both
+   models); for the first training seed also the same model, data and steps as an fp32 full
+   fine-tune (the cost baseline) and, unless `precision` is fp32, as fp32 with the same
+   adapters (the drift baseline); every run in out/training-seed-<N>/runs/<model>-<run>/;
+2. ICL-sweeps the base models (out/icl-before/) and, per training seed, the tuned ones, each
+   evaluated as its base plus the adapter directory that seed's run saved
+   (out/training-seed-<N>/icl-after/); each sweep divides the Mamba's gain by the
+   Transformer's, with the sweep's intervals, and `over_training_seeds` combines the tuned
+   sweeps: the mean gains, their ratio, and intervals that hold the spread between training
+   seeds (Student-t) and the evaluation's own noise;
+3. reads the first training seed's runs' tokens/s and peak memory from their metrics.jsonl;
+4. measures how far the adapters tuned in `precision` and in fp32 (first training seed) make
+   the model's outputs drift apart (`evaluation.stability.model_drift`), beside the two runs'
+   eval losses;
 
 and writes results.json and results.md (`evaluation/paper_report.py`) into `out`.
 
@@ -24,14 +29,16 @@ and the training loop already imports the evaluation package (its hooks), so a m
 `evaluation/` could not import the loop without an import cycle (tests/test_layout.py).
 
 The default data are instruction-style rows generated from the rule corpus
-(`rules.instruction_rows`) into out/data/; any alpaca-format source (a file, a `datasets`
-directory, a hub name) can replace them.
+(`rules.instruction_rows`, seed `data_seed`) into out/data/, once: every training seed trains
+on the same rows. Any alpaca-format source (a file, a `datasets` directory, a hub name) can
+replace them.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import math
 import random
 import statistics
 import sys
@@ -46,6 +53,8 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 MODELS = ("mamba", "transformer")
 # Rows of the generated instruction data (rules.instruction_rows): train and held-out eval.
 GENERATED_ROWS = {"train": 512, "eval": 64}
+# Training seeds go to accelerate's set_seed, whose NumPy seeding takes 0 <= seed < 2**32.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -64,7 +73,9 @@ class PaperSettings:
     micro_batch_size: int = 8
     max_length: int = 256
     rank: int = 8
-    seed: int = 0
+    # Seeds of the fine-tunes (adapter init, data order): each fine-tunes both models once.
+    training_seeds: tuple[int, ...] = (0,)
+    data_seed: int = 0  # of the generated instruction rows (unused with `data`)
     eval_batch_size: int = 8
     drift_rows: int = 4
     drift_length: int = 128
@@ -72,30 +83,49 @@ class PaperSettings:
 
 
 def run_paper(settings: PaperSettings, out: str | Path, *, overwrite: bool = False, log=print) -> dict:
-    """Train, sweep, measure and write the report (module docstring); returns results.json's dict."""
+    """Train, sweep, measure and write the report (module docstring); returns results.json's dict.
+
+    Per-seed entries of results.json are keyed by the training seed as text ("0", "1", ...).
+    """
     out = Path(out)
     _check(settings, out, overwrite)
     data = _data_sources(settings, out)
-    names = _run_names(settings.precision)
+    seeds = list(settings.training_seeds)
+    first = seeds[0]  # the seed whose runs also carry the cost and drift baselines
     # Every recipe is validated before the first run trains.
-    recipes = {(model, run): _recipe(settings, model, run, data, out, overwrite)
-               for model in MODELS for run in names}
-    for (model, run), recipe in recipes.items():
-        log(f"training {model} ({run}) -> {recipe.run.output_dir}")
-        _train(recipe)
-    trained = {model: {run: _run_record(recipes[(model, run)]) for run in names} for model in MODELS}
-    peft = names[0]
-    icl = _sweeps(settings, {model: trained[model][peft]["adapter"] for model in MODELS}, out, overwrite, log)
+    recipes = {seed: {(model, run): _recipe(settings, model, run, seed, data, out, overwrite)
+                      for model in MODELS for run in _run_names(settings.precision, baselines=seed == first)}
+               for seed in seeds}
+    for seed in seeds:
+        for (model, run), recipe in recipes[seed].items():
+            log(f"training {model} ({run}, training seed {seed}) -> {recipe.run.output_dir}")
+            _train(recipe)
+    trained = {str(seed): {model: {run: _run_record(recipes[seed][(model, run)])
+                                   for run in _run_names(settings.precision, baselines=seed == first)}
+                           for model in MODELS}
+               for seed in seeds}
+    peft = _run_names(settings.precision)[0]
+    icl = {"before": _sweep(settings, out / "icl-before", "base", None, overwrite, log)}
+    icl["after"] = {
+        str(seed): _sweep(settings, seed_dir(out, seed) / "icl-after", "tuned",
+                          {model: trained[str(seed)][model][peft]["adapter"] for model in MODELS},
+                          overwrite, log, f" of training seed {seed}")
+        for seed in seeds}
+    icl["over_training_seeds"] = over_training_seeds([icl["after"][str(seed)] for seed in seeds], seeds)
+    baseline_runs = trained[str(first)]
     results = {
         "settings": asdict(settings),
         "sources": {"mamba": settings.mamba, "transformer": settings.transformer},
         "data": {split: str(path) for split, path in data.items()},
+        "training_seeds": seeds,
         "runs": trained,
         "icl": icl,
-        "costs": {model: costs(trained[model][peft]["metrics"], trained[model]["full-fp32"]["metrics"])
+        # Cost and drift need no repeat per seed: they are measured on the first seed's runs.
+        "costs_and_drift_training_seed": first,
+        "costs": {model: costs(baseline_runs[model][peft]["metrics"], baseline_runs[model]["full-fp32"]["metrics"])
                   for model in MODELS},
         # With --precision fp32 the tuned run is the fp32 one: nothing to drift from.
-        "drift": ({model: _drift(settings, getattr(settings, model), trained[model]) for model in MODELS}
+        "drift": ({model: _drift(settings, getattr(settings, model), baseline_runs[model]) for model in MODELS}
                   if settings.precision != "fp32" else None),
     }
     from mamba_ft.evaluation.paper_report import markdown
@@ -106,9 +136,17 @@ def run_paper(settings: PaperSettings, out: str | Path, *, overwrite: bool = Fal
     return results
 
 
-def _run_names(precision: str) -> list[str]:
-    """The runs of each model: MPFT+PEFT first, the fp32 full fine-tune, the fp32 PEFT twin."""
+def seed_dir(out: Path, seed: int) -> Path:
+    """Where one training seed's runs and tuned sweep go."""
+    return out / f"training-seed-{seed}"
+
+
+def _run_names(precision: str, baselines: bool = True) -> list[str]:
+    """The runs of each model: MPFT+PEFT first; with `baselines`, the fp32 full fine-tune (cost)
+    and the fp32 PEFT twin (drift)."""
     peft = f"peft-{precision}"
+    if not baselines:
+        return [peft]
     return [peft, "full-fp32"] + (["peft-fp32"] if precision != "fp32" else [])
 
 
@@ -132,6 +170,9 @@ def _check(settings: PaperSettings, out: Path, overwrite: bool) -> None:
         raise UserError(f"--limit {settings.limit} must be positive: a count of documents, or a "
                         f"fraction below 1.")
     check_shots_seeds(settings.shots, settings.seeds)
+    check_training_seeds(settings.training_seeds)
+    if isinstance(settings.data_seed, bool) or not isinstance(settings.data_seed, int) or settings.data_seed < 0:
+        raise UserError(f"--data-seed {settings.data_seed!r} must be a whole number >= 0.")
     if settings.data is None and settings.eval_data is not None:
         raise UserError("--eval-data goes with --data; the generated data bring their own eval split.")
     if out.exists() and not out.is_dir():
@@ -170,7 +211,7 @@ def _data_sources(settings: PaperSettings, out: Path) -> dict[str, str]:
 
     directory = out / "data"
     directory.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(settings.seed)
+    rng = random.Random(settings.data_seed)
     sources = {}
     for split, n in GENERATED_ROWS.items():
         path = directory / f"rule-instructions-{split}.jsonl"
@@ -179,9 +220,10 @@ def _data_sources(settings: PaperSettings, out: Path) -> dict[str, str]:
     return sources
 
 
-def _recipe(settings: PaperSettings, model: str, run: str, data: dict[str, str], out: Path,
+def _recipe(settings: PaperSettings, model: str, run: str, seed: int, data: dict[str, str], out: Path,
             overwrite: bool):
-    """The one recipe, for `model`; `run` says whether it has adapters and which precision."""
+    """The one recipe, for `model` and training seed `seed`; `run` says whether it has adapters
+    and which precision."""
     from mamba_ft.recipe import validate_recipe
 
     peft, precision = run.split("-")
@@ -195,12 +237,12 @@ def _recipe(settings: PaperSettings, model: str, run: str, data: dict[str, str],
                  "max_length": settings.max_length},
         "optim": {"lr": settings.lr},
         "schedule": {"kind": "cosine", "warmup_steps": min(10, settings.steps // 10)},
-        "run": {"output_dir": str(out / "runs" / f"{model}-{run}"), "max_steps": settings.steps,
-                "micro_batch_size": settings.micro_batch_size, "seed": settings.seed,
+        "run": {"output_dir": str(seed_dir(out, seed) / "runs" / f"{model}-{run}"), "max_steps": settings.steps,
+                "micro_batch_size": settings.micro_batch_size, "seed": seed,
                 "overwrite": overwrite},
         "logging": {"progress_bar": False, "plot": False},
     }
-    return validate_recipe(recipe, where=f"the {model} {run} recipe")
+    return validate_recipe(recipe, where=f"the {model} {run} recipe of training seed {seed}")
 
 
 def _train(recipe) -> None:
@@ -261,34 +303,100 @@ def _step_rows(path) -> list[dict]:
     return [row for row in rows if "tokens_per_s" in row]
 
 
-def _sweeps(settings: PaperSettings, adapters: dict[str, str], out: Path, overwrite: bool, log) -> dict:
-    """The base models' sweep and the tuned models' sweep, each Mamba over Transformer."""
+def _sweep(settings: PaperSettings, directory: Path, suffix: str, adapters: dict[str, str] | None,
+           overwrite: bool, log, which: str = "") -> dict:
+    """One ICL sweep of the two models (base, or tuned with `adapters`), Mamba over Transformer."""
     from mamba_ft.evaluation.sweep import ModelSpec, run_icl_sweep
     from mamba_ft.precision import PrecisionPolicy
 
-    results = {}
-    for stage, suffix in (("before", "base"), ("after", "tuned")):
-        labels = {model: f"{model}-{suffix}" for model in MODELS}
-        specs = [ModelSpec(labels[model], source=getattr(settings, model),
-                           adapter=adapters[model] if stage == "after" else None) for model in MODELS]
-        log(f"ICL sweep of the {suffix} models")
-        sweep = run_icl_sweep(specs, tasks=settings.tasks, shots=settings.shots, seeds=settings.seeds,
-                              limit=settings.limit, out_dir=out / f"icl-{stage}",
-                              baseline=labels["transformer"], batch_size=settings.eval_batch_size,
-                              online=settings.online, overwrite=overwrite, log=log,
-                              **PrecisionPolicy(mode=settings.precision).evaluation_settings())
-        results[stage] = {
-            "dir": str(out / f"icl-{stage}"),
-            "models": {model: {"label": labels[model], **sweep.models[labels[model]],
-                               "gain": sweep.gains[labels[model]]} for model in MODELS},
-            "ratio": sweep.ratios[labels["mamba"]],
+    labels = {model: f"{model}-{suffix}" for model in MODELS}
+    specs = [ModelSpec(labels[model], source=getattr(settings, model),
+                       adapter=adapters[model] if adapters else None) for model in MODELS]
+    log(f"ICL sweep of the {suffix} models{which}")
+    sweep = run_icl_sweep(specs, tasks=settings.tasks, shots=settings.shots, seeds=settings.seeds,
+                          limit=settings.limit, out_dir=directory,
+                          baseline=labels["transformer"], batch_size=settings.eval_batch_size,
+                          online=settings.online, overwrite=overwrite, log=log,
+                          **PrecisionPolicy(mode=settings.precision).evaluation_settings())
+    # "adapter" is what the sweep loaded (its own results.json says the same).
+    return {
+        "dir": str(directory),
+        "models": {model: {"label": labels[model], **sweep.models[labels[model]],
+                           "gain": sweep.gains[labels[model]]} for model in MODELS},
+        "ratio": sweep.ratios[labels["mamba"]],
+    }
+
+
+def over_training_seeds(sweeps: list[dict], seeds: list[int]) -> dict:
+    """The tuned sweeps of every training seed combined: mean gains, their ratio, 95% intervals.
+
+    Per model, the training seeds' gains g_1..g_S (each the mean over few-shot seeds that its
+    sweep reports, with that sweep's standard error se_s: documents and few-shot draws):
+    - `ci_seeds`: the Student-t interval over training seeds, mean ± t(S−1)·sd/√S
+      (`synthetic.stats.seed_interval`, as `training.seeds` of `mamba-ft synth`). It holds the
+      spread between fine-tunes, and the part of the evaluation noise that differs between
+      them; given the evaluation's documents and few-shot draws, which all seeds share;
+    - `ci`: that half-width and the evaluation's, z·mean(se_s), added in quadrature. The
+      evaluation's is counted as if fully shared by the seeds: mean(se_s) bounds the standard
+      error of the mean evaluation error whatever its correlation between seeds, so the
+      interval also holds the documents and few-shot draws, conservatively.
+    The ratio is mean Mamba gain / mean Transformer gain. Its intervals are Fieller's sets
+    (`evaluation.intervals.fieller_set`) for the same two parts: over seeds, the per-seed pairs'
+    sample covariance (both models are trained with each seed: a paired design) with t(S−1);
+    the evaluation's part as in the sweep (models independent, z). A ratio whose Transformer
+    gain interval contains 0 is unbounded (ci None, ci_unbounded true). With one training seed
+    there is no seed spread: `ci` is then that seed's own sweep interval and `ci_seeds` None.
+    """
+    from mamba_ft.evaluation.intervals import LEVEL, Z, fieller_set
+    from mamba_ft.synthetic.stats import seed_interval, t_quantile
+
+    n = len(seeds)
+    t = t_quantile(0.5 + LEVEL / 2, n - 1) if n > 1 else None
+    models, parts = {}, {}
+    for model in MODELS:
+        values = [sweep["models"][model]["gain"]["mean"] for sweep in sweeps]
+        errors = [sweep["models"][model]["gain"]["se"] for sweep in sweeps]
+        mean, seed_half = seed_interval(values)
+        se_within = statistics.fmean(errors) if None not in errors else None
+        within_half = None if se_within is None else Z * se_within
+        known = [h for h in (seed_half, within_half) if h is not None]
+        half = math.sqrt(sum(h * h for h in known)) if known else None
+        models[model] = {
+            "per_seed": values, "mean": mean, "sd": statistics.stdev(values) if n > 1 else None,
+            "seed_half_width": seed_half,
+            "ci_seeds": None if seed_half is None else [mean - seed_half, mean + seed_half],
+            "se_within": se_within, "within_half_width": within_half, "half_width": half,
+            "ci": None if half is None else [mean - half, mean + half],
         }
-    return results
+        parts[model] = (values, within_half)
+    (m_values, m_within), (t_values, t_within) = parts["mamba"], parts["transformer"]
+    num, den = models["mamba"]["mean"], models["transformer"]["mean"]
+    seed_form = within_form = None
+    if n > 1:  # t²·(sample covariance matrix)/S of the two seed-mean gains
+        seed_form = [t * t * v / n for v in (statistics.variance(m_values),
+                                             statistics.covariance(m_values, t_values),
+                                             statistics.variance(t_values))]
+    if m_within is not None and t_within is not None:
+        within_form = [m_within ** 2, 0.0, t_within ** 2]
+    forms = [f for f in (seed_form, within_form) if f is not None]
+    total = [sum(f[i] for f in forms) for i in range(3)] if forms else None
+    ci_seeds = fieller_set(num, den, *seed_form) if seed_form else None
+    ci = fieller_set(num, den, *total) if total else None
+    ratio = {
+        "ratio": num / den if den else None,
+        "per_seed": [sweep["ratio"]["ratio"] for sweep in sweeps],
+        "ci_seeds": list(ci_seeds) if ci_seeds is not None else None,
+        "ci_seeds_unbounded": seed_form is not None and ci_seeds is None,
+        "ci": list(ci) if ci is not None else None,
+        "ci_unbounded": total is not None and ci is None,
+    }
+    return {"training_seeds": list(seeds), "level": LEVEL, "t_quantile": t, "z": Z,
+            "models": models, "ratio": ratio}
 
 
 def _drift(settings: PaperSettings, source: str, runs: dict) -> dict:
-    """The adapter tuned in `precision` against the one tuned in fp32 (same recipe, seed and
-    batches), both on the base model in fp32, on held-out rule-corpus text; beside them the
+    """The adapter tuned in `precision` against the one tuned in fp32 (same recipe, training seed
+    and batches), both on the base model in fp32, on held-out rule-corpus text; beside them the
     base model against the fp32 adapter, the change fine-tuning itself made, for scale."""
     from mamba_ft.adapters import load_adapters
     from mamba_ft.evaluation.stability import model_drift
@@ -318,8 +426,15 @@ def main_from_cli(args) -> dict:
     """The `mamba-ft paper` command (arguments parsed in mamba_ft.cli, as text)."""
     from mamba_ft.evaluation.sweep import parse_int_list, parse_limit
 
+    if args.seed is not None:
+        raise UserError("--seed was replaced by --training-seeds (a comma-separated list: each seed "
+                        "fine-tunes both models once, e.g. --training-seeds 0,1,2) and --data-seed "
+                        "(the generated instruction data); the old --seed N is --training-seeds N "
+                        "--data-seed N.")
     if args.out is None:
         raise UserError("--out is required: the directory for results.json, results.md, the runs and sweeps.")
+    if args.data is not None and args.data_seed is not None:
+        raise UserError("--data-seed goes with the generated data; --data brings its own rows.")
     settings = PaperSettings(
         mamba=args.mamba, transformer=args.transformer, data=args.data, eval_data=args.eval_data,
         tasks=args.tasks, steps=_number(args.steps, "--steps", int),
@@ -328,7 +443,8 @@ def main_from_cli(args) -> dict:
         precision=args.precision, lr=_number(args.lr, "--lr", float),
         micro_batch_size=_number(args.micro_batch_size, "--micro-batch-size", int),
         max_length=_number(args.max_length, "--max-length", int), rank=_number(args.rank, "--rank", int),
-        seed=_number(args.seed, "--seed", int),
+        training_seeds=parse_training_seeds(args.training_seeds),
+        data_seed=0 if args.data_seed is None else _number(args.data_seed, "--data-seed", int),
         eval_batch_size=_number(args.batch_size, "--batch-size", int), online=args.online)
     results = run_paper(settings, args.out, overwrite=args.overwrite,
                         log=lambda line: print(line, file=sys.stderr))
@@ -336,6 +452,33 @@ def main_from_cli(args) -> dict:
 
     print(summary(results), end="")
     return results
+
+
+def parse_training_seeds(text: str) -> tuple[int, ...]:
+    """--training-seeds' text as integers (the rest is `check_training_seeds`'s)."""
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        return tuple(int(part) for part in parts if part)
+    except ValueError:
+        raise UserError(f"--training-seeds {text!r} must be comma-separated whole numbers, e.g. "
+                        f"--training-seeds 0,1,2.") from None
+
+
+def check_training_seeds(seeds) -> None:
+    """At least one, each a whole number in set_seed's range, none twice."""
+    seeds = list(seeds)
+    if not seeds:
+        raise UserError("--training-seeds lists no seed; give one or more, e.g. --training-seeds 0,1,2 "
+                        "(3 or more for an interval over fine-tunes).")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise UserError(f"--training-seeds: {seed!r} is not a seed; seeds are whole numbers from "
+                            f"0 to {MAX_SEED}.")
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if repeated:
+        raise UserError(f"--training-seeds {','.join(map(str, seeds))} repeats "
+                        f"{', '.join(map(str, repeated))}; a seed fine-tunes the same way every time, "
+                        f"so give distinct seeds (e.g. 0,1,2).")
 
 
 def _number(text: str, option: str, kind: type):
