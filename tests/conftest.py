@@ -12,6 +12,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Every test starts from accelerate's defaults. accelerate keeps one process-wide
+    AcceleratorState, and an `Accelerator()` made later silently takes the mixed precision an
+    earlier one set: a bf16 training run left behind by one test turned a later test's fp32
+    comparison into a bf16 one. The process group (PartialState) is kept."""
+    yield
+    import sys
+
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
 @pytest.fixture
 def tiny_mamba_config():
     from transformers import MambaConfig
