@@ -69,6 +69,12 @@ class Task:
     def sample(self, rng: random.Random, length: int) -> Example:
         raise NotImplementedError
 
+    def information_bits(self, length: int) -> float | None:
+        """The entropy, in bits, of what an example of `length` makes the model carry from the
+        end of its prompt into its answer (in a Mamba: in its recurrent state and conv window).
+        None where a task does not define it (only COPY does, for now)."""
+        return None
+
     def check_length(self, length: int, what: str) -> None:
         if not self.min_length <= length <= self.max_length:
             raise UserError(f"{what} {length} is out of range for task {self.name!r}: its "

@@ -13,6 +13,7 @@ s is uniform over the first `alphabet` lowercase letters; g occurs exactly once 
 
 from __future__ import annotations
 
+import math
 import random
 import string
 from dataclasses import dataclass
@@ -48,6 +49,13 @@ class CopyTask(Task):
         s = self.random_string(rng, length)
         return full_answer(["$", *s, "|"], [*s, "."])
 
+    def information_bits(self, length: int) -> float:
+        """The string is uniform over alphabet^length and all of it is asked for after `|`:
+        length x log2(alphabet) bits. That is the task's distribution; a test set, which drops
+        the prompts seen in training, is drawn from slightly fewer strings where those are many
+        (short lengths)."""
+        return length * math.log2(self.alphabet)
+
 
 @dataclass
 class _NgramLookup(CopyTask):
@@ -65,6 +73,9 @@ class _NgramLookup(CopyTask):
         if self.alphabet ** self.ngram < 4 * self.min_length:
             raise UserError(f"With alphabet={self.alphabet} and ngram={self.ngram}, unique {self.ngram}-grams "
                             f"are too rare; use a larger alphabet or ngram.")
+
+    def information_bits(self, length: int) -> None:
+        return None  # only part of the string is asked for; not defined here
 
     def lookup(self, rng: random.Random, length: int) -> tuple[list[str], list[str], list[str]]:
         """(string, an n-gram occurring in it exactly once, the `answer_len` tokens after it)."""

@@ -14,6 +14,13 @@ a 95% Student-t interval (`stats.py`).
                      out-of-range test lengths, against Mamba d_state, one line per width, the
                      matched Transformer as a dashed level.
 - summary.md (several runs): the headline numbers of every run side by side, per range.
+
+Where the task defines it (COPY), results.md also sets the information an example carries
+(bits) beside each Mamba's state (`state_floats`): bits per state float at every test length.
+With `train_max_lengths` (one training range per longest length L; each range's own tables),
+results.md adds the headline at test length L against L for every model, and
+accuracy_vs_max_length.png draws it: the length-scaled Mambas (d_state ~ L) against the
+constant-state ones and the Transformer.
 """
 
 from __future__ import annotations
@@ -67,15 +74,22 @@ def _metric(row: dict, decoding: str, metric: str) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-def in_training_range(results: dict, length: int) -> bool:
-    lo, hi = results["spec"]["train_lengths"]
+def training_range(results: dict, run: dict | None = None) -> tuple[int, int]:
+    """The run's training lengths [lo, hi] (its own with `train_max_lengths`; runs written
+    before that existed have the spec's)."""
+    lo, hi = (run or {}).get("train_lengths") or results["spec"]["train_lengths"]
+    return lo, hi
+
+
+def in_training_range(results: dict, length: int, run: dict | None = None) -> bool:
+    lo, hi = training_range(results, run)
     return lo <= length <= hi
 
 
 def range_mean(results: dict, run: dict, decoding: str, metric: str, inside: bool) -> float | None:
-    """The run's mean over its test lengths inside (or outside) the training range."""
+    """The run's mean over its test lengths inside (or outside) its training range."""
     values = [_metric(row, decoding, metric) for row in run["results"]
-              if in_training_range(results, row["length"]) == inside]
+              if in_training_range(results, row["length"], run) == inside]
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
 
@@ -105,18 +119,24 @@ def _seed_note(results: dict) -> str:
 def results_markdown(results: dict) -> str:
     spec = results["spec"]
     lo, hi = spec["train_lengths"]
+    maxima = spec.get("train_max_lengths")
+    trained = (f"Trained on lengths {lo}–L for L in {', '.join(map(str, maxima))}, each L a group of its own"
+               if maxima else f"Trained on lengths {lo}–{hi}")
     lines = [f"# Synthetic run `{results['name']}`: task `{spec['task']}`", "",
              f"Device: {results['device']}; torch {results['torch']}; total {results['seconds']:.0f} s. "
-             f"Trained on lengths {lo}–{hi} ({spec['n_train']} examples, {spec['training']['steps']} steps "
+             f"{trained} ({spec['n_train']} examples, {spec['training']['steps']} steps "
              f"of batch {spec['training']['batch_size']}); {spec['n_test']} test examples per length "
              f"(fewer where the task has fewer distinct prompts: see results.json).", ""]
     decodings = set(spec["decoding"])
     cot_like = spec["task"] in FINAL_ANSWER_TASKS
     note = _seed_note(results)
+    if maxima:
+        lines += _max_length_tables(results)
     for variant in _variants(results):
         models = cells(results, variant)
-        lengths = [row["length"] for row in next(iter(models.values()))[0]["results"]]
-        head = [f"{n}{'*' if lo <= n <= hi else ''}" for n in lengths]
+        first = next(iter(models.values()))[0]
+        lengths = [row["length"] for row in first["results"]]
+        head = [f"{n}{'*' if in_training_range(results, n, first) else ''}" for n in lengths]
         lines += [f"## {variant}", ""]
         for decoding, metric, title in _TABLES:
             if decoding not in decodings or (metric == "answer_accuracy" and not cot_like):
@@ -132,15 +152,83 @@ def results_markdown(results: dict) -> str:
                              f"{seconds:.0f} | " + " | ".join(row_cells) + " |")
             lines.append("")
         lines += _range_table(results, models, lengths)
+        lines += _information_table(results, models, lengths)
     return "\n".join(lines)
+
+
+def _information_table(results: dict, models: dict[str, list[dict]], lengths: list[int]) -> list[str]:
+    """Bits an example carries (where the task defines it) against each Mamba's state floats."""
+    first = next(iter(models.values()))[0]
+    bits = [row.get("information_bits") for row in first["results"]]
+    if all(b is None for b in bits):
+        return []
+    head = [f"{n}{'*' if in_training_range(results, n, first) else ''}" for n in lengths]
+    lines = ["Information per example (bits the answer needs from the prompt) and, per Mamba, bits per "
+             "state float (information ÷ `state_floats`, the recurrent state's n_layer × expand × d_model "
+             "× d_state numbers); where it is high, the state binds", "",
+             "| | d_state | state floats | " + " | ".join(head) + " |",
+             "|---|---:|---:|" + "---:|" * len(lengths),
+             "| information (bits) | | | " + " | ".join("–" if b is None else f"{b:.1f}" for b in bits) + " |"]
+    for model, runs in models.items():
+        floats = runs[0].get("state_floats")
+        if not floats:
+            continue
+        ratios = ["–" if b is None else f"{b / floats:.2f}" for b in bits]
+        lines.append(f"| {model} | {runs[0]['d_state']} | {floats:,} | " + " | ".join(ratios) + " |")
+    return lines + [""]
+
+
+def _groups(results: dict) -> dict[str, dict[int, str]]:
+    """task variant -> {longest training length L -> the variant label of that group}."""
+    out: dict[str, dict[int, str]] = {}
+    for run in results["runs"]:
+        out.setdefault(run.get("task_variant", run["variant"]), {})[training_range(results, run)[1]] = run["variant"]
+    return {task: dict(sorted(groups.items())) for task, groups in out.items()}
+
+
+def _at_length(run: dict, length: int, decoding: str, metric: str) -> float | None:
+    row = next((row for row in run["results"] if row["length"] == length), None)
+    return None if row is None else _metric(row, decoding, metric)
+
+
+def _max_length_tables(results: dict) -> list[str]:
+    """Per task variant: rows L (the longest training length), per model the headline at test
+    length L (the longest it was trained on; – where L is not a test length), and the state."""
+    decoding, metric, label = headline(results)
+    note = _seed_note(results)
+    lines = []
+    for task_variant, groups in _groups(results).items():
+        models = list(dict.fromkeys(run["model"] for run in results["runs"]
+                                    if run.get("task_variant", run["variant"]) == task_variant))
+        lines += [f"## {task_variant}: the longest training length L against the state", "",
+                  f"{label} at test length L, the longest each model was trained on{note}; the d_state "
+                  f"of each Mamba in brackets (length-scaled Mambas, `N<k>xL`, have d_state ceil(k × L))", "",
+                  "| L | information at L (bits) | " + " | ".join(models) + " |",
+                  "|---:|---:|" + "---:|" * len(models)]
+        for hi, variant in groups.items():
+            here = cells(results, variant)
+            some = next(iter(here.values()))[0]
+            bits = next((row.get("information_bits") for row in some["results"] if row["length"] == hi), None)
+            row = [str(hi), "–" if bits is None else f"{bits:.1f}"]
+            for model in models:
+                runs = here.get(model)
+                if not runs:
+                    row.append("–")
+                    continue
+                text = _fmt_seeds(over_seeds(runs, lambda run: _at_length(run, hi, decoding, metric)))
+                row.append(text + (f" (N {runs[0]['d_state']})" if runs[0].get("d_state") else ""))
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
 
 
 def _range_table(results: dict, models: dict[str, list[dict]], lengths: list[int]) -> list[str]:
     """The headline metric's mean over the in-range and over the out-of-range test lengths."""
     decoding, metric, label = headline(results)
+    first = next(iter(models.values()))[0]
     columns = []
     for name, inside in RANGES:
-        shown = [n for n in lengths if in_training_range(results, n) == inside]
+        shown = [n for n in lengths if in_training_range(results, n, first) == inside]
         columns.append((f"{name} ({', '.join(map(str, shown)) or 'none'})", inside))
     lines = [f"{label}, mean over the test lengths of each range{_seed_note(results)}", "",
              "| model | " + " | ".join(name for name, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
@@ -215,10 +303,10 @@ def plot_accuracy_vs_length(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     variants = _variants(results)
-    hi = results["spec"]["train_lengths"][1]
     decoding, metric, label = headline(results)
     fig, axes = plt.subplots(2, len(variants), figsize=(4.2 * len(variants), 6), squeeze=False)
     for col, variant in enumerate(variants):
+        hi = training_range(results, next(iter(cells(results, variant).values()))[0])[1]
         for model, runs in cells(results, variant).items():
             lengths = [row["length"] for row in runs[0]["results"]]
             style = "-o" if runs[0]["family"] == "mamba" else "--s"
@@ -249,8 +337,9 @@ def plot_accuracy_vs_length(results: dict, path: Path) -> None:
 
 
 def plot_accuracy_vs_state(results: dict, path: Path) -> bool:
-    """Returns False (and writes nothing) when the run swept a single d_state."""
-    states = {r["d_state"] for r in results["runs"] if r["family"] == "mamba"}
+    """Returns False (and writes nothing) when the run swept a single d_state. Length-scaled
+    Mambas are left out: their d_state follows the training length (accuracy_vs_max_length)."""
+    states = {r["d_state"] for r in results["runs"] if r["family"] == "mamba" and not r.get("d_state_per_length")}
     if len(states) < 2:
         return False
     import matplotlib
@@ -270,7 +359,8 @@ def plot_accuracy_vs_state(results: dict, path: Path) -> bool:
                 summary = over_seeds(runs, lambda run: range_mean(results, run, decoding, metric, inside))
                 return summary[0] if summary else math.nan
 
-            mamba_cells = [runs for runs in models.values() if runs[0]["family"] == "mamba"]
+            mamba_cells = [runs for runs in models.values()
+                           if runs[0]["family"] == "mamba" and not runs[0].get("d_state_per_length")]
             for width in sorted({runs[0]["d_model"] for runs in mamba_cells}):
                 line = sorted((runs for runs in mamba_cells if runs[0]["d_model"] == width),
                               key=lambda runs: runs[0]["d_state"])
@@ -296,8 +386,54 @@ def plot_accuracy_vs_state(results: dict, path: Path) -> bool:
     return True
 
 
+def plot_accuracy_vs_max_length(results: dict, path: Path) -> bool:
+    """The headline at test length L against the longest training length L, one line per model
+    (error bars: seeds), one panel per task variant. False (nothing written) without a sweep
+    of L."""
+    groups = _groups(results)
+    if not results["spec"].get("train_max_lengths") or not results["runs"]:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    decoding, metric, label = headline(results)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 3.6), squeeze=False)
+    for col, (task_variant, by_length) in enumerate(groups.items()):
+        ax = axes[0][col]
+        models = list(dict.fromkeys(run["model"] for variant in by_length.values()
+                                    for run in results["runs"] if run["variant"] == variant))
+        for model in models:
+            xs, ys, errors = [], [], []
+            for hi, variant in by_length.items():
+                runs = cells(results, variant).get(model)
+                point = over_seeds(runs, lambda run, hi=hi: _at_length(run, hi, decoding, metric)) if runs else None
+                if point is not None:
+                    xs.append(hi)
+                    ys.append(point[0])
+                    errors.append(point[1] or 0.0)
+            if not xs:
+                continue
+            family = cells(results, by_length[xs[0]])[model][0]
+            style = "--s" if family["family"] != "mamba" else ("-^" if family.get("d_state_per_length") else "-o")
+            ax.errorbar(xs, ys, yerr=errors if any(errors) else None, fmt=style, capsize=2, markersize=4, label=model)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xticks(list(by_length), [str(n) for n in by_length])
+        ax.set_xlabel("longest training length L (tested at L)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{results['spec']['task']}: {task_variant}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
 def write_report(results: dict, out_dir: Path) -> None:
     out_dir = Path(out_dir)
     (out_dir / "results.md").write_text(results_markdown(results))
     plot_accuracy_vs_length(results, out_dir / "accuracy_vs_length.png")
     plot_accuracy_vs_state(results, out_dir / "accuracy_vs_state.png")
+    plot_accuracy_vs_max_length(results, out_dir / "accuracy_vs_max_length.png")

@@ -6,10 +6,19 @@ validated here; unknown keys and out-of-range values are one `UserError` each. L
 `models.mamba` (d_model, d_state) are sweeps: every combination is trained; one Transformer is
 trained per Mamba width and position encoding (`models.transformer.position`), sized to match
 the Mamba of that width at `match_d_state`.
+
+Two state-size designs (Ren et al.: a constant state cannot COPY, a state linear in the length
+can):
+- `models.mamba.d_state_per_length: k` adds, per width, a *length-scaled* Mamba whose d_state
+  is ceil(k x L), L the longest length it is trained on, so its state floats grow linearly in L.
+- `train_max_lengths: [L1, L2, ...]` trains every model once per L, on lengths
+  [train_lengths[0], L], each L a group of its own (in range and out of range measured from its
+  L); with `d_state_per_length` the scaled Mamba of each group has the state of that L.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -25,23 +34,57 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+MAX_D_STATE = 1024  # model_configs.mamba_config's limit
+
+
 class MambaSweep(_Section):
     d_model: list[int] = [64]
     d_state: list[int] = [16]
+    # Length-scaled Mambas: one per width and factor k, with d_state = ceil(k x L) for L the
+    # longest training length of its group (see `train_max_lengths`). Empty: none.
+    d_state_per_length: list[float] = []
     n_layer: int = Field(2, ge=1, le=128)
     expand: int = Field(2, ge=1, le=8)
 
-    @field_validator("d_model", "d_state", mode="before")
+    @field_validator("d_model", "d_state", "d_state_per_length", mode="before")
     @classmethod
     def _as_list(cls, value):
         return value if isinstance(value, list) else [value]
 
-    @field_validator("d_model", "d_state")
+    @field_validator("d_model")
     @classmethod
     def _positive(cls, values):
         if not values or any(v < 1 for v in values):
             raise ValueError("must be a non-empty list of positive integers")
         return values
+
+    @field_validator("d_state")
+    @classmethod
+    def _positive_states(cls, values):
+        if any(v < 1 for v in values):
+            raise ValueError("must be a list of positive integers")
+        return values
+
+    @field_validator("d_state_per_length")
+    @classmethod
+    def _positive_factors(cls, values):
+        if any(not v > 0 or math.isinf(v) for v in values) or len(set(values)) != len(values):
+            raise ValueError("must be a list of distinct positive numbers (d_state per unit of training "
+                             "length, e.g. 0.5)")
+        return values
+
+    @staticmethod
+    def scaled_d_state(per_length: float, length: int) -> int:
+        """The d_state of a length-scaled Mamba trained up to `length`: ceil(per_length x length),
+        rounded to 6 decimals first so that 0.1 x 30 is 3, not 4."""
+        return max(1, math.ceil(round(per_length * length, 6)))
+
+    @model_validator(mode="after")
+    def _some_state(self):
+        if not self.d_state and not self.d_state_per_length:
+            raise ValueError("d_state must be a non-empty list of positive integers (it may be [] only "
+                             "beside d_state_per_length)")
+        return self
 
 
 class TransformerSpec(_Section):
@@ -84,6 +127,9 @@ class ModelsSpec(_Section):
             raise ValueError("train at least one of 'mamba' or 'transformer'")
         if self.mamba is None:
             raise ValueError("the Transformer is sized to match a Mamba; keep a 'mamba' section")
+        if self.transformer is not None and not self.mamba.d_state and self.transformer.match_d_state is None:
+            raise ValueError("with models.mamba.d_state empty, set models.transformer.match_d_state (the "
+                             "d_state of the Mamba the Transformer is sized to match)")
         return self
 
 
@@ -113,6 +159,9 @@ class SynthSpec(_Section):
     task_args: dict = {}
     variants: list[dict] = Field([{}], description="task_args overrides; each is a separate run")
     train_lengths: tuple[int, int] = Field(description="[shortest, longest] training length")
+    # A sweep of training ranges: every model is trained once per L, on [train_lengths[0], L].
+    # The largest L must be train_lengths[1]. None: one range, train_lengths.
+    train_max_lengths: list[int] | None = None
     test_lengths: list[int]
     n_train: int = Field(10_000, ge=1)
     n_test: int = Field(100, ge=1)
@@ -131,7 +180,23 @@ class SynthSpec(_Section):
             raise ValueError("test_lengths must list at least one length")
         if not self.variants:
             raise ValueError("variants must hold at least one entry ({} for the plain task)")
+        if self.train_max_lengths is not None:
+            maxima = self.train_max_lengths
+            if not maxima or len(set(maxima)) != len(maxima) or max(maxima) != hi or min(maxima) < lo:
+                raise ValueError(f"train_max_lengths {maxima} must be distinct longest training lengths, each "
+                                 f"in train_lengths [{lo}, {hi}], the largest equal to {hi}")
+        mamba = self.models.mamba
+        for per_length in mamba.d_state_per_length if mamba is not None else []:
+            d_state = mamba.scaled_d_state(per_length, max(self.max_lengths()))
+            if d_state > MAX_D_STATE:
+                raise ValueError(f"models.mamba.d_state_per_length {per_length} gives d_state {d_state} at "
+                                 f"training length {max(self.max_lengths())}, above the largest Mamba state "
+                                 f"{MAX_D_STATE}; use a smaller factor or shorter lengths")
         return self
+
+    def max_lengths(self) -> list[int]:
+        """The longest training length of each training range (one, without `train_max_lengths`)."""
+        return list(self.train_max_lengths) if self.train_max_lengths is not None else [self.train_lengths[1]]
 
     def training_seeds(self) -> list[int]:
         return self.training.seeds if self.training.seeds is not None else [self.seed]
