@@ -23,24 +23,30 @@ pytestmark = [pytest.mark.gpu,
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'mamba-ft[qlora]')")
 
 
-def _quantized(kind: str, device: str):
-    model = ft_copy(plain_mamba(0))
-    quantize_model(model, QuantizeConfig(kind=kind))  # on the CPU: the same bytes for both copies
+def _quantized(kind: str, device: str, modules: tuple[str, ...] = ("in_proj", "out_proj")):
+    # d_model 64 with the embeddings quantised: each table row is whole 4-bit blocks, so the
+    # lookup takes its row-gathering path, as at real sizes.
+    model = ft_copy(plain_mamba(0, hidden_size=64 if "embeddings" in modules else 32))
+    # Quantised on the CPU: the same bytes for both copies.
+    quantize_model(model, QuantizeConfig(kind=kind, modules=list(modules)))
     attach_adapters(model, AdapterConfig(targets=["all", "embeddings", "lm_head"], rank=3))
     randomize_adapters(model)
     return model.to(device)
 
 
+@pytest.mark.parametrize("modules", [("in_proj", "out_proj"), ("in_proj", "out_proj", "embeddings")],
+                         ids=["projections", "with-embeddings"])
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
-def test_fused_path_on_a_quantised_base_matches_the_reference(kind, ids, monkeypatch):
+def test_fused_path_on_a_quantised_base_matches_the_reference(kind, modules, ids, monkeypatch):
     """The CUDA model (Triton kernels, quantised weights dequantised on the GPU inside the
-    GEMMs) against the CPU model (reference ops): same logits and adapter gradients. fp32, TF32
-    off; only summation order differs, so the tolerances of test_adapters_gpu.py."""
+    GEMMs; with the embeddings quantised, rows looked up and the tied head's table dequantised
+    on the GPU) against the CPU model (reference ops): same logits and adapter gradients. fp32,
+    TF32 off; only summation order differs, so the tolerances of test_adapters_gpu.py."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     results = {}
     for device in ("cpu", "cuda"):
-        model = _quantized(kind, device)
+        model = _quantized(kind, device, modules)
         mixer = model.backbone.layers[0].mixer
         assert is_quantized(mixer.in_proj) and mixer.in_proj.weight.device.type == device
         x = ids.to(device)
