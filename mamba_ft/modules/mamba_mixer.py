@@ -129,26 +129,37 @@ class MambaFTMixer(nn.Module):
         self.D = hf_mixer.D
         self.out_proj = hf_mixer.out_proj
 
+    def _ssm_projection_parameters(self) -> dict[str, nn.Parameter]:
+        """x_proj's and dt_proj's weights and dt's bias, by adapter target name: the parameters
+        where mixer variants differ (Zamba keeps them raw and per head)."""
+        return {"x_proj": self.x_proj.weight, "dt_proj": self.dt_proj.weight,
+                "dt_bias": self.dt_proj.bias}
+
+    def _ssm_projection_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x_proj's and dt_proj's weights and dt's bias as the forward reads them. The small
+        projections are quantised only in some pre-quantised checkpoints; then their
+        dequantised matrix."""
+        return dense_weight(self.x_proj), dense_weight(self.dt_proj), self.dt_proj.bias
+
     def base_parameters(self) -> dict[str, nn.Parameter]:
         """The parameter each adapter target changes (merging adds its delta there), by target
         name, in this mixer's layout (conv1d's weight is (d_inner, 1, width))."""
         return {"in_proj": self.in_proj.weight, "conv1d": self.conv1d.weight,
-                "x_proj": self.x_proj.weight, "dt_proj": self.dt_proj.weight,
-                "dt_bias": self.dt_proj.bias, "A_log": self.A_log, "D": self.D,
+                **self._ssm_projection_parameters(), "A_log": self.A_log, "D": self.D,
                 "out_proj": self.out_proj.weight}
 
     def raw_weights(self) -> MixerWeights:
         # A bitsandbytes-quantised projection's .weight is packed bytes, never a matrix to read:
-        # the big projections hand over a dequantise-in-the-GEMM weight, the small ones (only
-        # quantised in some pre-quantised checkpoints) their dequantised matrix.
+        # the big projections hand over a dequantise-in-the-GEMM weight.
+        x_proj_weight, dt_proj_weight, dt_bias = self._ssm_projection_weights()
         return MixerWeights(
             in_proj_weight=projection_weight(self.in_proj),
             in_proj_bias=self.in_proj.bias,
             conv_weight=self.conv1d.weight.squeeze(1),
             conv_bias=self.conv1d.bias,
-            x_proj_weight=dense_weight(self.x_proj),
-            dt_proj_weight=dense_weight(self.dt_proj),
-            dt_bias=self.dt_proj.bias,
+            x_proj_weight=x_proj_weight,
+            dt_proj_weight=dt_proj_weight,
+            dt_bias=dt_bias,
             A_log=self.A_log,
             D=self.D,
             out_proj_weight=projection_weight(self.out_proj),

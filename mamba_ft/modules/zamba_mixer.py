@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from mamba_ft.modules.mamba_mixer import MambaFTMixer, MixerWeights
-from mamba_ft.modules.quantized import projection_weight
 
 
 class MambaFTZambaMixer(MambaFTMixer):
@@ -46,26 +45,12 @@ class MambaFTZambaMixer(MambaFTMixer):
         self.D = hf_mixer.D
         self.out_proj = hf_mixer.out_proj
 
-    def base_parameters(self) -> dict[str, nn.Parameter]:
-        return {"in_proj": self.in_proj.weight, "conv1d": self.conv1d.weight,
-                "x_proj": self.x_proj_weight, "dt_proj": self.dt_proj_weight,
-                "dt_bias": self.dt_proj_bias, "A_log": self.A_log, "D": self.D,
-                "out_proj": self.out_proj.weight}
+    def _ssm_projection_parameters(self) -> dict[str, nn.Parameter]:
+        return {"x_proj": self.x_proj_weight, "dt_proj": self.dt_proj_weight,
+                "dt_bias": self.dt_proj_bias}
 
-    def raw_weights(self) -> MixerWeights:
-        return MixerWeights(
-            in_proj_weight=projection_weight(self.in_proj),
-            in_proj_bias=self.in_proj.bias,
-            conv_weight=self.conv1d.weight.squeeze(1),
-            conv_bias=self.conv1d.bias,
-            x_proj_weight=self.x_proj_weight,
-            dt_proj_weight=self.dt_proj_weight,
-            dt_bias=self.dt_proj_bias,
-            A_log=self.A_log,
-            D=self.D,
-            out_proj_weight=projection_weight(self.out_proj),
-            out_proj_bias=self.out_proj.bias,
-        )
+    def _ssm_projection_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias
 
     def _split_xz(self, xz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Rows interleaved: strided views, each channel still contiguous along time.
