@@ -26,3 +26,20 @@ def needs_quantization(kind: str) -> None:
     reason = cannot_quantize_here(kind)
     if reason is not None:
         pytest.skip(reason)
+
+
+def assert_adapter_grads_match_twin(model, twin, rtol: float) -> dict:
+    """After a backward through both: every adapter of the quantised `model` has a finite,
+    non-zero gradient (the guard passes) equal to the same adapter's in `twin`, the model with
+    the dequantised weights in plain modules. Returns the model's adapter gradients by name."""
+    from mamba_ft.adapters import adapter_parameters, check_adapter_gradients
+
+    check_adapter_gradients(model)
+    ours = {n: p.grad for n, p in adapter_parameters(model).items()}
+    theirs = {n: p.grad for n, p in adapter_parameters(twin).items()}
+    assert ours.keys() == theirs.keys()
+    zero = [n for n, g in ours.items() if g is None or not g.abs().sum() > 0]
+    assert not zero, zero
+    for name, g in ours.items():
+        torch.testing.assert_close(g, theirs[name], rtol=rtol, atol=1e-6, msg=name)
+    return ours

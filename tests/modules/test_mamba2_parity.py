@@ -20,6 +20,7 @@ from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer, Mamba2RMSNor
 
 from mamba_ft.models import document_starts, mixers, set_recompute_ssm, swap_mixers, swap_norms
 from mamba_ft.modules import MambaFTMamba2Mixer, MambaFTRMSNorm, MambaFTRMSNormGated
+from parity import TOL, assert_grads_match
 
 # The model's cache keyword: `cache_params` in transformers 5.23, `cache` from 5.24 on (passing
 # the other name is swallowed by the model's **kwargs and the cache never reaches the mixers).
@@ -28,7 +29,6 @@ CACHE = "cache" if "cache" in inspect.signature(Mamba2ForCausalLM.forward).param
 # Touches transformers internals: .ci/run re-runs it on the lowest supported versions.
 pytestmark = pytest.mark.seam
 
-TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def pair(config, seed=0):
@@ -43,13 +43,6 @@ def pair(config, seed=0):
     assert swap_mixers(ft) == config.num_hidden_layers
     swap_norms(ft)
     return hf, ft
-
-
-def assert_grads_match(hf, ft):
-    for (name, p_hf), (name_ft, p_ft) in zip(hf.named_parameters(), ft.named_parameters()):
-        assert name == name_ft
-        assert p_ft.grad is not None, name
-        torch.testing.assert_close(p_ft.grad, p_hf.grad, **TOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_swap_replaces_every_mixer_and_norm_and_keeps_state_dict(tiny_mamba2_config):

@@ -15,11 +15,11 @@ from transformers.models.mamba.modeling_mamba import MambaMixer
 
 from mamba_ft.modules.mamba_mixer import MambaFTMixer
 from mamba_ft.models import document_starts, swap_mixers
+from parity import TOL, assert_grads_match
 
 # Touches transformers / PEFT internals: .ci/run re-runs it on the lowest supported versions.
 pytestmark = pytest.mark.seam
 
-TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def pair(config):
@@ -46,9 +46,7 @@ def test_logits_and_every_gradient_match_transformers(tiny_mamba_config):
     torch.testing.assert_close(out_ft.logits, out_hf.logits, **TOL)
     out_hf.loss.backward()
     out_ft.loss.backward()
-    for (name, p_hf), p_ft in zip(hf.named_parameters(), ft.parameters()):
-        assert p_ft.grad is not None, name
-        torch.testing.assert_close(p_ft.grad, p_hf.grad, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+    assert_grads_match(hf, ft)
 
 
 def test_padding_mask_matches_transformers(tiny_mamba_config):

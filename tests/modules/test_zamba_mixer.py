@@ -17,11 +17,11 @@ from transformers.models.zamba.modeling_zamba import ZambaMambaMixer
 
 from mamba_ft.models import set_recompute_ssm, swap_mixers
 from mamba_ft.modules import MambaFTZambaMixer
+from parity import TOL, assert_grads_match
 
 # Touches transformers internals (the Zamba mixer and its cache): rerun on the lowest versions.
 pytestmark = pytest.mark.seam
 
-TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture
@@ -67,9 +67,7 @@ def test_logits_and_every_gradient_match_transformers(config, recompute):
     torch.testing.assert_close(out_ft.logits, out_hf.logits, **TOL)
     out_hf.loss.backward()
     out_ft.loss.backward()
-    for (name, p_hf), p_ft in zip(hf.named_parameters(), ft.parameters()):
-        assert p_ft.grad is not None, name
-        torch.testing.assert_close(p_ft.grad, p_hf.grad, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+    assert_grads_match(hf, ft)
 
 
 def _mixers(config):
