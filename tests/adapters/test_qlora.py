@@ -18,7 +18,6 @@ from adapter_models import MAMBA2_VOCAB, VOCAB, ft_copy, plain_mamba, plain_mamb
 from bnb_support import needs_quantization
 from mamba_ft.adapters import (AdapterConfig, adapter_parameters, attach_adapters,
                                check_adapter_gradients, merge_adapters, save_adapters)
-from mamba_ft.adapters.merge import merge_adapter_dir
 from mamba_ft.errors import UserError
 from mamba_ft.models import load_model, mixers, set_recompute_ssm
 from mamba_ft.models.quantize import QuantizeConfig, dequantize_model, quantize_model
@@ -164,14 +163,22 @@ def test_merge_gives_plain_transformers_with_the_dequantised_weights(kind, tmp_p
     torch.testing.assert_close(merged_logits, qlora_logits, rtol=1e-4, atol=1e-4)
 
 
-def test_merge_cli_rebuilds_the_quantised_base(tmp_path, ids):
+@pytest.mark.parametrize("modules,targets", [
+    (None, ["all"]),
+    # The embeddings quantised too: the bundled model's 96-wide rows straddle 4-bit blocks (the
+    # whole-table lookup), and the embedding adapter merges into the rebuilt table.
+    (["in_proj", "out_proj", "embeddings"], ["all", "embeddings"]),
+])
+def test_merge_cli_rebuilds_the_quantised_base(modules, targets, tmp_path, ids):
+    """`mamba-ft merge` re-quantises the recorded base as it was quantised before merging."""
     needs_quantization("nf4")
     base = tmp_path / "base"
     loaded = load_model("bundled:tiny-mamba")
     loaded.model.save_pretrained(base)
     loaded.tokenizer.save_pretrained(base)
-    qmodel = load_model(base, quantize=QuantizeConfig(kind="nf4")).model
-    attach_adapters(qmodel, AdapterConfig(targets=["all"], rank=2))
+    config = QuantizeConfig(kind="nf4", **({"modules": modules} if modules else {}))
+    qmodel = load_model(base, quantize=config).model
+    attach_adapters(qmodel, AdapterConfig(targets=targets, rank=2))
     randomize_adapters(qmodel, std=0.02)
     with torch.no_grad():
         qlora_logits = qmodel(ids).logits

@@ -253,29 +253,6 @@ def test_saved_adapter_reloads_onto_a_fresh_base_and_merges_to_plain_transformer
         torch.testing.assert_close(merged(ids).logits, qlora_logits, rtol=1e-4, atol=1e-4)
 
 
-def test_merge_cli_rebuilds_quantised_embeddings(tmp_path):
-    """`mamba-ft merge` re-quantises the recorded base (embeddings included) before merging;
-    the bundled model's 96-wide rows straddle 4-bit blocks (the whole-table lookup)."""
-    needs_quantization("nf4")
-    base = tmp_path / "base"
-    loaded = load_model("bundled:tiny-mamba")
-    loaded.model.save_pretrained(base)
-    loaded.tokenizer.save_pretrained(base)
-    qmodel = load_model(base, quantize=QuantizeConfig(kind="nf4", modules=WITH_EMBEDDINGS)).model
-    attach_adapters(qmodel, AdapterConfig(targets=["all", "embeddings"], rank=2))
-    randomize_adapters(qmodel, std=0.02)
-    ids = torch.randint(0, qmodel.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        qlora_logits = qmodel(ids).logits
-    save_adapters(qmodel, tmp_path / "adapter", base_model=str(base))
-    from mamba_ft.cli import main
-
-    assert main(["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) in (0, None)
-    with torch.no_grad():
-        merged = MambaForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits
-    torch.testing.assert_close(merged, qlora_logits, rtol=1e-4, atol=1e-4)
-
-
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_base_weight_bytes_drop_by_the_table_less_its_quantised_storage(kind):
     needs_quantization(kind)
