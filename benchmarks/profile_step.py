@@ -6,9 +6,12 @@ reports the wall time of a step (timed without the profiler) and the host (CPU) 
 step's ops take, with the ops that take most: when the host time exceeds the GPU time, the
 GPU waits for launches and the step is host-bound.
 
-    python benchmarks/profile_step.py [--run 130m:full:8] [--run 1.4b:lora:2:fused+bf16-frozen] [--out DIR]
+    python benchmarks/profile_step.py [--run 130m:full:8] [--run 1.4b:lora:2:fused+bf16-frozen]
+                                      [--run qlora:1.4b:nf4-embeddings:2] [--out DIR]
 
-A run is model:mode:batch[:ops], ops as in train_throughput.py's table (default "fused").
+A run is model:mode:batch[:ops], ops as in train_throughput.py's table (default "fused"), or
+qlora:shape:base:batch[:recompute] for a row of benchmarks/qlora_throughput.py (its shapes,
+bases and recompute options, default none).
 
 Writes profile_step.json and profile_step.md under --out.
 """
@@ -16,6 +19,7 @@ Writes profile_step.json and profile_step.md under --out.
 from __future__ import annotations
 
 import argparse
+import gc
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,10 +31,16 @@ from bench_common import (RESULTS_DIR, device_and_versions, gpu_run_info, markdo
 from train_throughput import make_step
 
 # Kernel name fragments -> kind, first match wins. Matmuls come from cuBLAS (nvjet, sm90_xmma,
-# cutlass, gemm); the scan and conv are mamba-ft's Triton kernels.
+# cutlass, gemm); the scans, SSD, conv and norms are mamba-ft's Triton kernels.
 KINDS = [
     ("scan forward", ("_scan_fwd",)),
     ("scan backward", ("_scan_bwd",)),
+    ("SSD forward", ("_dt_cumsum", "_cb_kernel", "_chunk_state", "_state_pass_fwd", "_chunk_out")),
+    ("SSD backward", ("_dstate_local", "_state_pass_bwd", "_dx_", "_dc_", "_db_", "_dcb",
+                      "_dt_bwd")),
+    ("norm", ("_rms", "_gated", "norm")),
+    ("dequantise (bitsandbytes)", ("dequant",)),
+    ("embedding / gather", ("embedding", "index", "gather", "scatter")),
     ("conv", ("_conv",)),
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk")),
     ("optimizer", ("adam",)),
@@ -49,8 +59,17 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def profile_run(model, mode, batch, ops, L, steps):
-    step, _, _ = make_step(model, mode, ops, batch, L)
+def qlora_step(shape, base, batch, recompute, L):
+    """The step of one qlora_throughput.py row: the quantised model, its adapters and AdamW."""
+    import qlora_throughput as q
+
+    device = torch.device("cuda")
+    model, _ = q.build_row_model(q.build_master(shape, device), base, recompute, device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    return q.make_step(model, batch, L, q.MODELS[shape]["vocab_size"], device, opt, [])
+
+
+def profile_run(step, L, steps, **labels):
     wall_ms = wall_seconds_per_call(step, steps) * 1e3
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -73,7 +92,7 @@ def profile_run(model, mode, batch, ops, L, steps):
     for r in kernels:
         kinds[r["kind"]] += r["ms_per_step"]
     host = sorted(host_ops.items(), key=lambda kv: -kv[1])
-    return dict(model=model, mode=mode, batch=batch, ops=ops, L=L, steps=steps, wall_ms_per_step=wall_ms,
+    return dict(labels, L=L, steps=steps, wall_ms_per_step=wall_ms,
                 gpu_ms_per_step=total, host_ms_per_step=sum(host_ops.values()),
                 kinds=dict(sorted(kinds.items(), key=lambda kv: -kv[1])), kernels=kernels,
                 host_ops=[dict(name=k, ms_per_step=v) for k, v in host[:40]])
@@ -94,10 +113,18 @@ def main():
     lines = [f"{device_and_versions(info)}; {info['date']}; bf16 autocast, AdamW, L={args.L}, "
              "random init.", ""]
     for spec in runs:
-        model, mode, batch, *ops = spec.split(":")
-        ops = ops[0] if ops else "fused"
-        r = profile_run(model, mode, int(batch), ops, args.L, args.steps)
+        if spec.startswith("qlora:"):
+            _, model, base, batch, *recompute = spec.split(":")
+            mode, ops = "lora", f"{base}, recompute {recompute[0] if recompute else 'none'}"
+            step = qlora_step(model, base, int(batch), recompute[0] if recompute else "none", args.L)
+        else:
+            model, mode, batch, *ops = spec.split(":")
+            ops = ops[0] if ops else "fused"
+            step, _, _ = make_step(model, mode, ops, int(batch), args.L)
+        r = profile_run(step, args.L, args.steps, model=model, mode=mode, batch=int(batch), ops=ops)
         results.append(r)
+        del step
+        gc.collect()
         torch.cuda.empty_cache()
         total = r["gpu_ms_per_step"]
         lines += [f"## {model} {mode} ({ops}), batch {batch}: {total:.1f} ms of kernels per step", "",
