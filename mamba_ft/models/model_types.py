@@ -44,6 +44,10 @@ class MambaModelType:
     # while config.tie_word_embeddings is true). The swap makes them one module, as the weights
     # are one, so an adapter on them is one adapter too (and merges into the one weight).
     tied_blocks: tuple[str, ...] = ()
+    # The causal LM's logits are its head applied to the last hidden states and nothing more,
+    # so the loss may run the head itself, a chunk of rows at a time (run.chunked_head_loss).
+    # False where transformers scales them after the head (Falcon-H1, Granite-4.0-H).
+    head_only_logits: bool = True
     example_checkpoint: str = ""  # a Hub id of this type, for messages and recipes
 
     def load_class(self, path: str) -> type:
@@ -79,10 +83,11 @@ MODEL_TYPES: dict[str, MambaModelType] = {t.model_type: t for t in (
                    hybrid=True, example_checkpoint="nvidia/NVIDIA-Nemotron-Nano-9B-v2"),
     MambaModelType("granitemoehybrid", "Granite-4.0-H",
                    _T + "granitemoehybrid.modeling_granitemoehybrid:GraniteMoeHybridMambaLayer",
-                   MambaFTMamba2Mixer, hybrid=True, packs=False,
+                   MambaFTMamba2Mixer, hybrid=True, packs=False, head_only_logits=False,
                    example_checkpoint="ibm-granite/granite-4.0-h-tiny"),
     MambaModelType("falcon_h1", "Falcon-H1", _T + "falcon_h1.modeling_falcon_h1:FalconH1Mixer",
-                   MambaFTMamba2Mixer, hybrid=True, example_checkpoint="tiiuae/Falcon-H1-1.5B-Instruct"),
+                   MambaFTMamba2Mixer, hybrid=True, head_only_logits=False,
+                   example_checkpoint="tiiuae/Falcon-H1-1.5B-Instruct"),
     MambaModelType("zamba", "Zamba", _T + "zamba.modeling_zamba:ZambaMambaMixer",
                    MambaFTZambaMixer, hybrid=True,
                    tied_blocks=(_T + "zamba.modeling_zamba:ZambaAttentionDecoderLayer",),

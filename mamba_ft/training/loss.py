@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mamba_ft.models.model_types import MODEL_TYPES
+
 # Rows per chunk: about 64 M fp32 elements (256 MB) of temporaries at a time.
 _CHUNK_ELEMENTS = 64 << 20
 
@@ -70,10 +72,10 @@ def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     return _CrossEntropySum.apply(logits.flatten(0, 1), targets.flatten(), ignore_index)
 
 
-# Model types whose causal LM computes logits = head(last hidden states) and nothing more
+# Model types whose causal LM computes logits = head(last hidden states) and nothing more: the
+# Mamba types whose registry entry says so, and the Transformer baselines' GPT-NeoX
 # (tests/training/test_loss.py holds each to its own logits path).
-HEAD_ONLY_TYPES = ("mamba", "mamba2", "falcon_mamba", "jamba", "bamba", "nemotron_h", "zamba",
-                   "zamba2", "gpt_neox")
+HEAD_ONLY_TYPES = tuple(t for t, entry in MODEL_TYPES.items() if entry.head_only_logits) + ("gpt_neox",)
 
 
 def _head_weight(head: nn.Module) -> torch.Tensor:
