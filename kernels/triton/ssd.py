@@ -33,37 +33,49 @@ Forward, five launches:
 z gating, y * silu(z), is plain torch around the kernels (in fp32 from the kernel's fp32
 output, as the reference); it is off the measured path (Mamba-2's mixer gates in its norm).
 
-Backward, five launches (the entering states are saved by the forward: saved memory is
-O(batch * chunks * heads * head_dim * N), besides the inputs and the fp32 dt/cumsum):
-1. `_dstate_local_kernel`: each chunk's gradient w.r.t. its entering state from its own
-   outputs, (dy * exp(cum))^T C.
-2. `_state_pass_bwd_kernel`: from the last chunk back, the gradient w.r.t. the state leaving
-   each chunk, the initial state's gradient, and the gradient of exp(cum_T) per chunk
-   (partials summed by torch). It writes that gradient and a copy of the entering states in
-   the inputs' dtype: the next two kernels use them only as tl.dot operands.
-3. `_dx_db_kernel` (s block, batch*chunk, group*head split): per head of the group, the
-   gradient of x and dt_s x_s over the later positions t (W^T dy with W = CB * decay), dB
-   accumulated in registers across the group's heads, the direct part of ddt and the
-   source-side gradient of the cumsum; D's gradient as partials.
-4. `_dc_kernel` (t block, ...): dC accumulated across the group's heads, the target-side
-   gradient of the cumsum, and the entry term's.
-5. `_dt_bwd_kernel`: gradient of the cumsum -> of each a_k by a reverse cumsum in the
-   chunk, then ddt, dA, d(dt_bias) through clamp and softplus.
+Backward, seven launches besides CB again (the entering states are saved by the forward: saved
+memory is O(batch * chunks * heads * head_dim * N), besides the inputs and the fp32 dt/cumsum).
+With W = CB * decay and, per head, dcb_h[t, s] = decay_h[t, s] dt_h[s] (dy_h[t] . x_h[s]) the
+gradient of y w.r.t. CB[t, s], and S_ts = CB[t, s] dcb_h[t, s] (the pair's share of
+d/d(cum_t), and minus it of d/d(cum_s)):
+1. `_dstate_local_kernel` (batch*chunk, head, state tile): each chunk's gradient w.r.t. its
+   entering state from its own outputs, (dy * exp(cum))^T C.
+2. `_state_pass_bwd_kernel` (state block, batch*head): from the last chunk back, the gradient
+   G w.r.t. the state leaving each chunk, the initial state's gradient, and the gradient of
+   exp(cum_T) per chunk (partials summed by torch). It writes G and a copy of the entering
+   states in the inputs' dtype: the kernels below use them only as tl.dot operands.
+3. `_dcb_kernel` (t block, s block <= t block, batch*chunk*group*split): dCB = sum_h dcb_h over
+   the group's heads in one (block, block) fp32 accumulator, stored fp32 (batch, chunks,
+   groups, T, T) like CB; per head, the row sums and column sums of S over the pair of
+   blocks, written as partials indexed by the other block (each entry has one writer).
+4. `_dx_kernel` (s block, batch*chunk, head): per head, one (block, head_dim) accumulator:
+   W^T dy over the later blocks plus the state term w G B_s (w = exp(cum_end - cum_s)),
+   giving dx, D's gradient (partials), the direct part of ddt and R_s = d/d(cum_end) of the
+   state term; and, with s as the target, the entry term's d/d(cum_s), exp(cum_s) dy_s .
+   (C_s h_in).
+5. `_db_kernel` (s block, batch*chunk, group*split): one (block, N) accumulator:
+   dB_s = sum_{t >= s} dCB[t, s] C_t + sum_h w_h[s] dt_h[s] x_h[s] G_h.
+6. `_dc_kernel` (t block, batch*chunk, group*split): one (block, N) accumulator:
+   dC_t = sum_{s <= t} dCB[t, s] B_s + sum_h exp(cum_h[t]) dy_h[t] h_in_h.
+7. `_dt_bwd_kernel` (chunk, batch, head block): sums the cumsum's gradient (the pair
+   partials, the entry and state terms), turns it into each a_k's by a reverse cumsum in
+   the chunk, then ddt, dA, d(dt_bias) through clamp and softplus.
 CB is recomputed for the backward by `_cb_kernel` (cheap) rather than saved, which would cost
-O(L * T) per group. Heads are split over programs only as far as needed to fill the GPU
-(`MIN_PROGRAMS`); each split writes its own dB/dC partial and torch sums them, so every
-reduction is deterministic (no atomics anywhere).
+O(L * T) per group. dCB is formed once per group, so the per-head (dy_t . x_s) products are
+computed once, and dB / dC are block GEMMs against it. The per-group kernels (3, 5, 6) split a
+group's heads over programs only as far as needed to fill the GPU (`MIN_PROGRAMS`); each
+split writes its own dCB / dB / dC partial and torch sums them (the dB and dC kernels also deal
+the dCB blocks out over the splits), so every reduction is deterministic (no atomics
+anywhere). Each of these kernels holds one accumulator across its loops, which keeps them
+within the registers (see NUM_WARPS / BWD_WARPS).
 
 Precision: tl.dot takes operands in the inputs' dtype (the fp32 decay-weighted matrices are
 rounded to bf16/fp16 for it, as mamba_ssm does) and accumulates in fp32; fp32 inputs use
 IEEE fp32 dots (not TF32), so the fp32 path matches the reference closely.
 
 Speed (docs/kernels.md, docs/benchmarks.md "Mamba-2 SSD"): the forward's GPU time is level
-with mamba_ssm's Triton SSD; the backward takes about 2.5x mamba_ssm's GPU time, most of it in
-`_dx_db_kernel`, which at 8 warps takes 255 registers and spills (one program per SM), and
-`_dc_kernel` (250 registers). By count of tl.dot FLOPs the backward does 3.8x the forward's
-work. `--sweep` in benchmarks/ssd_speed.py times the knobs below (warps, pipelining stages,
-head splits, sub-block size) for the next tuning step.
+with mamba_ssm's Triton SSD. `--sweep` in benchmarks/ssd_speed.py times the knobs below
+(warps, pipelining stages, head splits, sub-block size).
 
 Tuning constants (module level, so tests and the benchmark can change them):
 """
@@ -90,8 +102,8 @@ _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 # Positions per tl.dot sub-block of a chunk (a power of two, at least 16). Tests lower it to
 # exercise several sub-blocks per chunk.
 BLOCK_T_MAX = 64
-# Fewest programs the backward's per-group kernels should launch before the heads of a group
-# are split over programs (about twice an H100's 132 SMs).
+# Fewest programs the backward's per-group kernels (dCB, dB, dC) should launch before the heads
+# of a group are split over programs (about twice an H100's 132 SMs).
 MIN_PROGRAMS = 264
 # Largest (head_dim, N) tile of a state per program in the chunk-state kernels (the forward's
 # chunk states, the backward's dstate): 64 x 128 fp32 fits 4 warps' registers without
@@ -99,11 +111,15 @@ MIN_PROGRAMS = 264
 STATE_TILE_MAX = (64, 128)
 # Elements of a (head_dim, N) state per state-passing program.
 STATE_PASS_BLOCK = 1024
-# Warps of the tl.dot kernels: the forward's (and the backward's dstate / CB), and the
-# backward's two per-group kernels, which hold a (positions, N) fp32 accumulator each.
+# Warps of the tl.dot kernels: the forward's, and the backward's dstate, CB and dx (the mirror
+# of the forward's output kernel: a (positions, head_dim) accumulator); and the backward's
+# per-group kernels: dCB (a (positions, positions) accumulator besides the CB tile and the
+# per-head products) and dB / dC (a (positions, N) accumulator each). At the Mamba-2-130m and
+# 1.3B shapes ptxas (sm_90a) spills none of them at these counts; dCB spills at 4 warps.
 NUM_WARPS = 4
 BWD_WARPS = 8
-# Software-pipelining stages of those two kernels' loops (None: Triton's default).
+# Software-pipelining stages of the backward's loops in dCB, dx, dB and dC (None: Triton's
+# default).
 BWD_STAGES = None
 
 
@@ -396,7 +412,7 @@ def _state_pass_bwd_kernel(
     h = bh % heads
     # grad: dL/d(state leaving chunk c), starting from the final state's gradient. It and the
     # state entering each chunk are also written in the inputs' dtype (g_lp, st_lp): the
-    # per-group kernels take them only as tl.dot operands, and loading them narrow halves
+    # dx, dB and dC kernels take them only as tl.dot operands, and loading them narrow halves
     # their registers there (a (head_dim, N) fp32 tile is 64 registers a thread at 4 warps).
     if HAS_DFINAL:
         grad = tl.load(dfinal_ptr + bh * PN + offs, mask=m, other=0.0)
@@ -418,21 +434,170 @@ def _state_pass_bwd_kernel(
 
 
 @triton.jit
-def _dx_db_kernel(
-    x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, dtp_ptr, cum_ptr, doc_ptr, cb_ptr, g_lp_ptr,
-    dx_ptr, dB_ptr, ddt_ptr, dcum_ptr, dend_ptr, dD_ptr,
-    L, chunk, n_chunks, heads, heads_per_group, groups, splits, P, N, L_pad,
+def _dcb_kernel(
+    x_ptr, dy_ptr, dtp_ptr, cum_ptr, doc_ptr, cb_ptr, dcb_ptr, dpair_ptr,
+    L, chunk, n_chunks, heads, heads_per_group, groups, splits, P, L_pad, batch,
+    s_x_b, s_x_l, s_x_h, s_x_p, s_dy_b, s_dy_l, s_dy_h, s_dy_p,
+    HEADS_PER_PROGRAM: tl.constexpr, HAS_RESET: tl.constexpr, IEEE: tl.constexpr,
+    BT: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # One program per (target block i, source block j <= i, batch*chunk*group*split): the
+    # gradient of y w.r.t. CB_ts summed over the split's heads,
+    #   dCB[t, s] = sum_h decay_h[t, s] dt_h[s] (dy_h[t] . x_h[s]),
+    # and per head the sums of S_ts = CB_ts dcb_h[t, s] (the pair's share of d/d(cum_t), and
+    # minus it of d/d(cum_s)). Those go to dpair (blocks, batch, heads, L_pad): the row sums
+    # over this s block at [j, t], minus the column sums over this t block at [i, s] (their
+    # difference at [i, t] on the diagonal), so each entry has one writer and _dt_bwd_kernel
+    # sums over the first axis.
+    i = tl.program_id(0)
+    j = tl.program_id(1)
+    if j > i:  # above the diagonal: every pair is masked
+        return
+    pid = tl.program_id(2)
+    split = pid % splits
+    bcg = pid // splits
+    g = bcg % groups
+    bc = bcg // groups
+    c = bc % n_chunks
+    b = (bc // n_chunks).to(tl.int64)
+    p = tl.arange(0, BLOCK_P)
+    t, t_in, t_valid = _positions(c, i, chunk, L, BT)
+    s, s_in, s_valid = _positions(c, j, chunk, L, BT)
+    doc_t = 0
+    doc_s = 0
+    if HAS_RESET:
+        doc_t = tl.load(doc_ptr + b * L_pad + c * chunk + t, mask=t_in, other=0)
+        doc_s = tl.load(doc_ptr + b * L_pad + c * chunk + s, mask=s_in, other=0)
+    pair = t_in[:, None] & s_in[None, :]
+    cb = tl.load(cb_ptr + bcg.to(tl.int64) * chunk * chunk + t[:, None] * chunk + s[None, :],
+                 mask=pair, other=0.0)
+    acc = tl.zeros([BT, BT], dtype=tl.float32)
+    for k in range(HEADS_PER_PROGRAM):
+        h = g * heads_per_group + split * HEADS_PER_PROGRAM + k
+        row = (b * heads + h) * L_pad + c * chunk
+        cum_t = tl.load(cum_ptr + row + t, mask=t_in, other=0.0)
+        cum_s = tl.load(cum_ptr + row + s, mask=s_in, other=0.0)
+        dt_s = tl.load(dtp_ptr + row + s, mask=s_in, other=0.0)
+        decay = _decay_matrix(cum_t, cum_s, t, s, t_valid, s_valid, doc_t, doc_s, HAS_RESET)
+        dyt = _load_rows(dy_ptr + b * s_dy_b + h * s_dy_h, c * chunk + t, s_dy_l, p, s_dy_p,
+                         t_valid, P)
+        xs = _load_rows(x_ptr + b * s_x_b + h * s_x_h, c * chunk + s, s_x_l, p, s_x_p, s_valid, P)
+        dcb = decay * dt_s[None, :] * _dot(dyt, tl.trans(xs.to(dyt.dtype)), IEEE)
+        acc += dcb
+        pair_grad = cb * dcb
+        rows = tl.sum(pair_grad, axis=1)
+        cols = tl.sum(pair_grad, axis=0)
+        if i == j:
+            tl.store(dpair_ptr + ((i * batch + b) * heads + h) * L_pad + c * chunk + t,
+                     rows - cols, mask=t_in)
+        else:
+            tl.store(dpair_ptr + ((j * batch + b) * heads + h) * L_pad + c * chunk + t,
+                     rows, mask=t_in)
+            tl.store(dpair_ptr + ((i * batch + b) * heads + h) * L_pad + c * chunk + s,
+                     -cols, mask=s_in)
+    out = dcb_ptr + (split * (tl.num_programs(2) // splits) + bcg).to(tl.int64) * chunk * chunk
+    tl.store(out + t[:, None] * chunk + s[None, :], acc, mask=pair)
+
+
+@triton.jit
+def _dx_kernel(
+    x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, dtp_ptr, cum_ptr, doc_ptr, cb_ptr, g_lp_ptr, st_lp_ptr,
+    dx_ptr, ddt_ptr, dcum_ptr, dend_ptr, dD_ptr,
+    L, chunk, n_chunks, heads, heads_per_group, groups, P, N, L_pad,
     s_x_b, s_x_l, s_x_h, s_x_p, s_B_b, s_B_l, s_B_g, s_B_n, s_C_b, s_C_l, s_C_g, s_C_n,
     s_dy_b, s_dy_l, s_dy_h, s_dy_p, s_dx_b, s_dx_l, s_dx_h, s_dx_p,
-    HEADS_PER_PROGRAM: tl.constexpr, HAS_RESET: tl.constexpr, HAS_D: tl.constexpr,
-    D_PER_CHANNEL: tl.constexpr, IEEE: tl.constexpr,
+    HAS_RESET: tl.constexpr, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr,
+    IEEE: tl.constexpr, BT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program per (block of positions s, batch*chunk, head): the per-head gradients at s.
+    # As sources: d y / d(dt_s x_s) = W^T dy over the later positions t (W = CB * decay) plus
+    # the state leaving the chunk, whose gradient G reaches s through w = exp(cum_end - cum_s);
+    # from it dx, D's gradient (partials), the direct part of ddt and R_s = d/d(cum_end) of
+    # the state term. As targets: the entry term's d/d(cum_s), exp(cum_s) dy_s . (C_s h_in).
+    # dcum gets the entry term minus R_s; dend gets R_s (both (batch, heads, L_pad)).
+    j = tl.program_id(0)
+    bc = tl.program_id(1)
+    h = tl.program_id(2)
+    c = bc % n_chunks
+    b = (bc // n_chunks).to(tl.int64)
+    g = h // heads_per_group
+    row = (b * heads + h) * L_pad + c * chunk
+    p = tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    mp = p < P
+    state_mask = mp[:, None] & (n < N)[None, :]
+    s, s_in, s_valid = _positions(c, j, chunk, L, BT)
+    s_pos = c * chunk + s
+    doc_row = doc_ptr + b * L_pad + c * chunk
+    doc_s = 0
+    to_end = s_valid
+    entry = s_valid
+    if HAS_RESET:
+        doc_s = tl.load(doc_row + s, mask=s_in, other=0)
+        to_end = to_end & (doc_s == tl.load(doc_row + chunk - 1))
+        entry = entry & (doc_s == 0)
+    cum_s = tl.load(cum_ptr + row + s, mask=s_in, other=0.0)
+    dt_s = tl.load(dtp_ptr + row + s, mask=s_in, other=0.0)
+    dy_head = dy_ptr + b * s_dy_b + h * s_dy_h
+    # The terms without a sum over t first, so that their (s, head_dim) tiles are dead before
+    # the loop (whose accumulator starts from the state term); x_s and dy_s are loaded again
+    # after it rather than held across it.
+    x_at = x_ptr + b * s_x_b + h * s_x_h
+    dys = _load_rows(dy_head, s_pos, s_dy_l, p, s_dy_p, s_valid, P).to(tl.float32)
+    xs = _load_rows(x_at, s_pos, s_x_l, p, s_x_p, s_valid, P).to(tl.float32)
+    h_in = tl.load(st_lp_ptr + (bc.to(tl.int64) * heads + h) * P * N + p[:, None] * N
+                   + n[None, :], mask=state_mask, other=0.0)
+    Cs = _load_rows(C_ptr + b * s_C_b + g * s_C_g, s_pos, s_C_l, n, s_C_n, s_valid, N)
+    entry_decay = tl.where(entry, tl.exp2(tl.where(entry, cum_s, 0.0) * LOG2E), 0.0)
+    q = entry_decay * tl.sum(dys * _dot(Cs, tl.trans(h_in.to(Cs.dtype)), IEEE), axis=1)
+    G = tl.load(g_lp_ptr + (bc.to(tl.int64) * heads + h) * P * N + p[:, None] * N + n[None, :],
+                mask=state_mask, other=0.0)
+    Bs = _load_rows(B_ptr + b * s_B_b + g * s_B_g, s_pos, s_B_l, n, s_B_n, s_valid, N)
+    cum_end = tl.load(cum_ptr + row + chunk - 1)
+    w = tl.where(to_end, tl.exp2(tl.where(to_end, cum_end - cum_s, 0.0) * LOG2E), 0.0)
+    acc = w[:, None] * _dot(Bs, tl.trans(G.to(Bs.dtype)), IEEE)  # (s, p)
+    r = dt_s * tl.sum(xs * acc, axis=1)
+    tl.store(dcum_ptr + row + s, q - r, mask=s_in)
+    tl.store(dend_ptr + row + s, r, mask=s_in)
+    cb_tile = cb_ptr + (bc.to(tl.int64) * groups + g) * chunk * chunk
+    for i in range(j, tl.cdiv(chunk, BT)):
+        t, t_in, t_valid = _positions(c, i, chunk, L, BT)
+        cum_t = tl.load(cum_ptr + row + t, mask=t_in, other=0.0)
+        doc_t = 0
+        if HAS_RESET:
+            doc_t = tl.load(doc_row + t, mask=t_in, other=0)
+        decay = _decay_matrix(cum_t, cum_s, t, s, t_valid, s_valid, doc_t, doc_s, HAS_RESET)
+        cb = tl.load(cb_tile + t[:, None] * chunk + s[None, :],
+                     mask=t_in[:, None] & s_in[None, :], other=0.0)
+        dyt = _load_rows(dy_head, c * chunk + t, s_dy_l, p, s_dy_p, t_valid, P)
+        acc += _dot(tl.trans((cb * decay).to(dyt.dtype)), dyt, IEEE)
+    xs = _load_rows(x_at, s_pos, s_x_l, p, s_x_p, s_valid, P).to(tl.float32)
+    tl.store(ddt_ptr + row + s, tl.sum(xs * acc, axis=1), mask=s_in)
+    dx = dt_s[:, None] * acc
+    if HAS_D:
+        dys = _load_rows(dy_head, s_pos, s_dy_l, p, s_dy_p, s_valid, P).to(tl.float32)
+        if D_PER_CHANNEL:
+            dx += tl.load(D_ptr + h * P + p, mask=mp, other=0.0)[None, :] * dys
+        else:
+            dx += tl.load(D_ptr + h) * dys
+        tl.store(dD_ptr + ((bc.to(tl.int64) * tl.num_programs(0) + j) * heads + h) * P + p,
+                 tl.sum(dys * xs, axis=0), mask=mp)
+    tl.store(dx_ptr + b * s_dx_b + s_pos[:, None] * s_dx_l + h * s_dx_h + p[None, :] * s_dx_p,
+             dx.to(dx_ptr.dtype.element_ty), mask=s_valid[:, None] & mp[None, :])
+
+
+@triton.jit
+def _db_kernel(
+    x_ptr, C_ptr, dtp_ptr, cum_ptr, doc_ptr, dcb_ptr, g_lp_ptr, dB_ptr,
+    L, chunk, n_chunks, heads, heads_per_group, groups, splits, P, N, L_pad,
+    s_x_b, s_x_l, s_x_h, s_x_p, s_C_b, s_C_l, s_C_g, s_C_n,
+    HEADS_PER_PROGRAM: tl.constexpr, HAS_RESET: tl.constexpr, IEEE: tl.constexpr,
     BT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program per (source block s, batch*chunk, group*split), looping over the split's
-    # heads: every output here belongs to source positions s, so nothing is shared between
-    # programs. dx (per head) and dB (summed over the heads, in registers) are final;
-    # ddt (direct part), dcum (source side: -sum_t S_ts - R_s) and R_s = d/d(cum_end) go to
-    # (batch, heads, L_pad) buffers for _dt_bwd_kernel.
+    # One program per (source block s, batch*chunk, group*split), one (s, N) accumulator:
+    #   dB_s = sum_{t >= s} dCB[t, s] C_t  +  sum_h w_h[s] dt_h[s] x_h[s] G_h,
+    # the split taking every splits-th t block and its share of the group's heads; torch sums
+    # the splits' partials.
     j = tl.program_id(0)
     bc = tl.program_id(1)
     gs = tl.program_id(2)
@@ -442,91 +607,47 @@ def _dx_db_kernel(
     b = (bc // n_chunks).to(tl.int64)
     p = tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
-    mp = p < P
     s, s_in, s_valid = _positions(c, j, chunk, L, BT)
     s_pos = c * chunk + s
-    doc_row = doc_ptr + b * L_pad + c * chunk
-    doc_s = 0
-    doc_end = 0
-    if HAS_RESET:
-        doc_s = tl.load(doc_row + s, mask=s_in, other=0)
-        doc_end = tl.load(doc_row + chunk - 1)
+    dcb_tile = dcb_ptr + (bc.to(tl.int64) * groups + g) * chunk * chunk
+    acc = tl.zeros([BT, BLOCK_N], dtype=tl.float32)
+    for i in range(j + split, tl.cdiv(chunk, BT), splits):
+        t, t_in, t_valid = _positions(c, i, chunk, L, BT)
+        dcb = tl.load(dcb_tile + t[:, None] * chunk + s[None, :],
+                      mask=t_in[:, None] & s_in[None, :], other=0.0)
+        Ct = _load_rows(C_ptr + b * s_C_b + g * s_C_g, c * chunk + t, s_C_l, n, s_C_n,
+                        t_valid, N)
+        acc += _dot(tl.trans(dcb.to(Ct.dtype)), Ct, IEEE)
     to_end = s_valid
     if HAS_RESET:
-        to_end = to_end & (doc_s == doc_end)
-    Bs = _load_rows(B_ptr + b * s_B_b + g * s_B_g, s_pos, s_B_l, n, s_B_n, s_valid, N)
-    cb_tile = cb_ptr + (bc.to(tl.int64) * groups + g) * chunk * chunk
-    acc_dB = tl.zeros([BT, BLOCK_N], dtype=tl.float32)
+        doc_row = doc_ptr + b * L_pad + c * chunk
+        to_end = to_end & (tl.load(doc_row + s, mask=s_in, other=0) == tl.load(doc_row + chunk - 1))
     for k in range(HEADS_PER_PROGRAM):
         h = g * heads_per_group + split * HEADS_PER_PROGRAM + k
         row = (b * heads + h) * L_pad + c * chunk
         cum_s = tl.load(cum_ptr + row + s, mask=s_in, other=0.0)
         dt_s = tl.load(dtp_ptr + row + s, mask=s_in, other=0.0)
-        xs = _load_rows(x_ptr + b * s_x_b + h * s_x_h, s_pos, s_x_l, p, s_x_p, s_valid, P)
-        dy_head = dy_ptr + b * s_dy_b + h * s_dy_h
-        # d y / d(dt_s x_s) summed over t, and sum_t S_ts with S_ts = CB W'_ts the pair's
-        # share of d/d(cum_t) (and minus it of d/d(cum_s)).
-        acc_dxdt = tl.zeros([BT, BLOCK_P], dtype=tl.float32)
-        s_colsum = tl.zeros([BT], dtype=tl.float32)
-        for i in range(j, tl.cdiv(chunk, BT)):
-            t, t_in, t_valid = _positions(c, i, chunk, L, BT)
-            cum_t = tl.load(cum_ptr + row + t, mask=t_in, other=0.0)
-            doc_t = 0
-            if HAS_RESET:
-                doc_t = tl.load(doc_row + t, mask=t_in, other=0)
-            decay = _decay_matrix(cum_t, cum_s, t, s, t_valid, s_valid, doc_t, doc_s, HAS_RESET)
-            cb = tl.load(cb_tile + t[:, None] * chunk + s[None, :],
-                         mask=t_in[:, None] & s_in[None, :], other=0.0)
-            dyt = _load_rows(dy_head, c * chunk + t, s_dy_l, p, s_dy_p, t_valid, P)
-            acc_dxdt += _dot(tl.trans((cb * decay).to(dyt.dtype)), dyt, IEEE)
-            # d y / d(CB_ts), this head's share: decay dt_s (dy_t . x_s).
-            dcb = decay * dt_s[None, :] * _dot(dyt, tl.trans(xs.to(dyt.dtype)), IEEE)
-            Ct = _load_rows(C_ptr + b * s_C_b + g * s_C_g, c * chunk + t, s_C_l, n, s_C_n,
-                            t_valid, N)
-            acc_dB += _dot(tl.trans(dcb.to(Ct.dtype)), Ct, IEEE)
-            s_colsum += tl.sum(cb * dcb, axis=0)
-        # The state leaving the chunk: its gradient G reaches s through exp(cum_end - cum_s).
-        G = tl.load(g_lp_ptr + (bc.to(tl.int64) * heads + h) * P * N + p[:, None] * N + n[None, :],
-                    mask=mp[:, None] & (n < N)[None, :], other=0.0)
         cum_end = tl.load(cum_ptr + row + chunk - 1)
-        w = tl.where(to_end, tl.exp2(tl.where(to_end, cum_end - cum_s, 0.0) * LOG2E), 0.0)
-        GB = _dot(Bs, tl.trans(G), IEEE)  # (s, p)
-        acc_dxdt += w[:, None] * GB
-        xs32 = xs.to(tl.float32)
-        dx = dt_s[:, None] * acc_dxdt
-        if HAS_D:
-            dys = _load_rows(dy_head, s_pos, s_dy_l, p, s_dy_p, s_valid, P).to(tl.float32)
-            if D_PER_CHANNEL:
-                dx += tl.load(D_ptr + h * P + p, mask=mp, other=0.0)[None, :] * dys
-            else:
-                dx += tl.load(D_ptr + h) * dys
-            dD_part = tl.sum(dys * xs32, axis=0)
-            tl.store(dD_ptr + ((bc.to(tl.int64) * tl.num_programs(0) + j) * heads + h) * P + p,
-                     dD_part, mask=mp)
-        tl.store(dx_ptr + b * s_dx_b + s_pos[:, None] * s_dx_l + h * s_dx_h + p[None, :] * s_dx_p,
-                 dx.to(dx_ptr.dtype.element_ty), mask=s_valid[:, None] & mp[None, :])
-        acc_dB += (w * dt_s)[:, None] * _dot(xs, G, IEEE)
-        r = w * dt_s * tl.sum(xs32 * GB, axis=1)
-        tl.store(ddt_ptr + row + s, tl.sum(xs32 * acc_dxdt, axis=1), mask=s_in)
-        tl.store(dcum_ptr + row + s, -s_colsum - r, mask=s_in)
-        tl.store(dend_ptr + row + s, r, mask=s_in)
+        w = tl.where(to_end, tl.exp2(tl.where(to_end, cum_end - cum_s, 0.0) * LOG2E) * dt_s, 0.0)
+        xs = _load_rows(x_ptr + b * s_x_b + h * s_x_h, s_pos, s_x_l, p, s_x_p, s_valid, P)
+        G = tl.load(g_lp_ptr + (bc.to(tl.int64) * heads + h) * P * N + p[:, None] * N
+                    + n[None, :], mask=(p < P)[:, None] & (n < N)[None, :], other=0.0)
+        acc += _dot((xs * w[:, None]).to(G.dtype), G, IEEE)
     dB_at = dB_ptr + ((split * tl.num_programs(1) + bc).to(tl.int64) * chunk + s[:, None]) * groups * N
-    tl.store(dB_at + g * N + n[None, :], acc_dB, mask=s_in[:, None] & (n < N)[None, :])
+    tl.store(dB_at + g * N + n[None, :], acc, mask=s_in[:, None] & (n < N)[None, :])
 
 
 @triton.jit
 def _dc_kernel(
-    x_ptr, B_ptr, C_ptr, dy_ptr, dtp_ptr, cum_ptr, doc_ptr, cb_ptr, st_lp_ptr,
-    dC_ptr, dcum_ptr,
+    B_ptr, dy_ptr, cum_ptr, doc_ptr, dcb_ptr, st_lp_ptr, dC_ptr,
     L, chunk, n_chunks, heads, heads_per_group, groups, splits, P, N, L_pad,
-    s_x_b, s_x_l, s_x_h, s_x_p, s_B_b, s_B_l, s_B_g, s_B_n, s_C_b, s_C_l, s_C_g, s_C_n,
-    s_dy_b, s_dy_l, s_dy_h, s_dy_p,
+    s_B_b, s_B_l, s_B_g, s_B_n, s_dy_b, s_dy_l, s_dy_h, s_dy_p,
     HEADS_PER_PROGRAM: tl.constexpr, HAS_RESET: tl.constexpr, IEEE: tl.constexpr,
     BT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # The target side: one program per (target block t, batch*chunk, group*split). dC (summed
-    # over the split's heads in registers) and dcum at t: sum_s S_ts plus the entry term's
-    # exp(cum_t) C_t . (h_in dy_t).
+    # One program per (target block t, batch*chunk, group*split), one (t, N) accumulator:
+    #   dC_t = sum_{s <= t} dCB[t, s] B_s  +  sum_h exp(cum_h[t]) dy_h[t] h_in_h,
+    # split as _db_kernel's.
     i = tl.program_id(0)
     bc = tl.program_id(1)
     gs = tl.program_id(2)
@@ -536,58 +657,37 @@ def _dc_kernel(
     b = (bc // n_chunks).to(tl.int64)
     p = tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
-    mp = p < P
     t, t_in, t_valid = _positions(c, i, chunk, L, BT)
-    doc_row = doc_ptr + b * L_pad + c * chunk
-    doc_t = 0
-    if HAS_RESET:
-        doc_t = tl.load(doc_row + t, mask=t_in, other=0)
+    dcb_tile = dcb_ptr + (bc.to(tl.int64) * groups + g) * chunk * chunk
+    acc = tl.zeros([BT, BLOCK_N], dtype=tl.float32)
+    for j in range(split, i + 1, splits):
+        s, s_in, s_valid = _positions(c, j, chunk, L, BT)
+        dcb = tl.load(dcb_tile + t[:, None] * chunk + s[None, :],
+                      mask=t_in[:, None] & s_in[None, :], other=0.0)
+        Bs = _load_rows(B_ptr + b * s_B_b + g * s_B_g, c * chunk + s, s_B_l, n, s_B_n,
+                        s_valid, N)
+        acc += _dot(dcb.to(Bs.dtype), Bs, IEEE)
     entry = t_valid
     if HAS_RESET:
-        entry = entry & (doc_t == 0)
-    Ct = _load_rows(C_ptr + b * s_C_b + g * s_C_g, c * chunk + t, s_C_l, n, s_C_n, t_valid, N)
-    cb_tile = cb_ptr + (bc.to(tl.int64) * groups + g) * chunk * chunk
-    acc_dC = tl.zeros([BT, BLOCK_N], dtype=tl.float32)
+        entry = entry & (tl.load(doc_ptr + b * L_pad + c * chunk + t, mask=t_in, other=0) == 0)
     for k in range(HEADS_PER_PROGRAM):
         h = g * heads_per_group + split * HEADS_PER_PROGRAM + k
-        row = (b * heads + h) * L_pad + c * chunk
-        cum_t = tl.load(cum_ptr + row + t, mask=t_in, other=0.0)
+        cum_t = tl.load(cum_ptr + (b * heads + h) * L_pad + c * chunk + t, mask=t_in, other=0.0)
+        entry_decay = tl.where(entry, tl.exp2(tl.where(entry, cum_t, 0.0) * LOG2E), 0.0)
         dyt = _load_rows(dy_ptr + b * s_dy_b + h * s_dy_h, c * chunk + t, s_dy_l, p, s_dy_p,
                          t_valid, P)
-        t_rowsum = tl.zeros([BT], dtype=tl.float32)
-        for j in range(0, i + 1):
-            s, s_in, s_valid = _positions(c, j, chunk, L, BT)
-            cum_s = tl.load(cum_ptr + row + s, mask=s_in, other=0.0)
-            dt_s = tl.load(dtp_ptr + row + s, mask=s_in, other=0.0)
-            doc_s = 0
-            if HAS_RESET:
-                doc_s = tl.load(doc_row + s, mask=s_in, other=0)
-            decay = _decay_matrix(cum_t, cum_s, t, s, t_valid, s_valid, doc_t, doc_s, HAS_RESET)
-            xs = _load_rows(x_ptr + b * s_x_b + h * s_x_h, c * chunk + s, s_x_l, p, s_x_p,
-                            s_valid, P)
-            dcb = decay * dt_s[None, :] * _dot(dyt, tl.trans(xs.to(dyt.dtype)), IEEE)
-            Bs = _load_rows(B_ptr + b * s_B_b + g * s_B_g, c * chunk + s, s_B_l, n, s_B_n,
-                            s_valid, N)
-            acc_dC += _dot(dcb.to(Bs.dtype), Bs, IEEE)
-            cb = tl.load(cb_tile + t[:, None] * chunk + s[None, :],
-                         mask=t_in[:, None] & s_in[None, :], other=0.0)
-            t_rowsum += tl.sum(cb * dcb, axis=1)
         h_in = tl.load(st_lp_ptr + (bc.to(tl.int64) * heads + h) * P * N + p[:, None] * N
-                       + n[None, :], mask=mp[:, None] & (n < N)[None, :], other=0.0)
-        entry_decay = tl.where(entry, tl.exp2(tl.where(entry, cum_t, 0.0) * LOG2E), 0.0)
-        dy_h = _dot(dyt, h_in, IEEE)  # (t, n): dy_t h_in
-        acc_dC += entry_decay[:, None] * dy_h
-        q = entry_decay * tl.sum(Ct.to(tl.float32) * dy_h, axis=1)
-        tl.store(dcum_ptr + row + t, t_rowsum + q, mask=t_in)
+                       + n[None, :], mask=(p < P)[:, None] & (n < N)[None, :], other=0.0)
+        acc += _dot((dyt * entry_decay[:, None]).to(h_in.dtype), h_in, IEEE)
     dC_at = dC_ptr + ((split * tl.num_programs(1) + bc).to(tl.int64) * chunk + t[:, None]) * groups * N
-    tl.store(dC_at + g * N + n[None, :], acc_dC, mask=t_in[:, None] & (n < N)[None, :])
+    tl.store(dC_at + g * N + n[None, :], acc, mask=t_in[:, None] & (n < N)[None, :])
 
 
 @triton.jit
 def _dt_bwd_kernel(
-    dt_ptr, bias_ptr, A_ptr, dtp_ptr, dcum_src_ptr, dcum_tgt_ptr, dend_ptr, ddt_dir_ptr,
+    dt_ptr, bias_ptr, A_ptr, dtp_ptr, dcum_ptr, dpair_ptr, dend_ptr, ddt_dir_ptr,
     ddecay_ptr, ddt_ptr, dA_ptr, dbias_ptr,
-    L, heads, chunk, n_chunks, L_pad, s_dt_b, s_dt_l, s_dt_h, s_ddt_b, s_ddt_l, s_ddt_h,
+    L, heads, chunk, n_chunks, L_pad, n_sub, s_dt_b, s_dt_l, s_dt_h, s_ddt_b, s_ddt_l, s_ddt_h,
     dt_min, dt_max,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr,
     BLOCK_CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -603,8 +703,11 @@ def _dt_bwd_kernel(
     mi = in_chunk[:, None] & mh[None, :]
     m = valid[:, None] & mh[None, :]
     buf = (b * heads + hs)[None, :] * L_pad + pos[:, None]
-    dcum = (tl.load(dcum_src_ptr + buf, mask=mi, other=0.0)
-            + tl.load(dcum_tgt_ptr + buf, mask=mi, other=0.0))
+    dcum = tl.load(dcum_ptr + buf, mask=mi, other=0.0)
+    # The pairs' shares, one partial per block of the other side of the pair (_dcb_kernel).
+    for k in range(n_sub):
+        dcum += tl.load(dpair_ptr + (k * tl.num_programs(1) * heads).to(tl.int64) * L_pad + buf,
+                        mask=mi, other=0.0)
     # d/d(cum at the chunk's end): the inputs' decay to the end, and the entering state's.
     d_end = (tl.sum(tl.load(dend_ptr + buf, mask=mi, other=0.0), axis=0)
              + tl.load(ddecay_ptr + (b * heads + hs) * n_chunks + c, mask=mh, other=0.0))
@@ -783,44 +886,57 @@ class _SSDFunction(torch.autograd.Function):
             HAS_RESET=has_reset, HAS_DFINAL=dfinal is not None, NEED_DH0=has_h0,
             BLOCK=STATE_PASS_BLOCK)
         ddecay = ddecay.sum(-1)
-        splits = _head_splits(geo.heads_per_group, geo.n_sub * geo.batch * geo.n_chunks * geo.groups)
-        per_program = geo.heads_per_group // splits
-        grid = (geo.n_sub, geo.batch * geo.n_chunks, geo.groups * splits)
+        n_bc = geo.batch * geo.n_chunks
         stages = {"num_stages": BWD_STAGES} if BWD_STAGES else {}
+        # dCB per group: one program per pair of blocks on or below the diagonal.
+        n_pairs = geo.n_sub * (geo.n_sub + 1) // 2
+        pair_splits = _head_splits(geo.heads_per_group, n_pairs * n_bc * geo.groups)
+        dcb = torch.empty((pair_splits, n_bc * geo.groups, geo.chunk, geo.chunk), **f32)
+        dpair = torch.empty((geo.n_sub, geo.batch, geo.heads, geo.L_pad), **f32)
+        _dcb_kernel[(geo.n_sub, geo.n_sub, n_bc * geo.groups * pair_splits)](
+            x, dy, dtp, cum, doc_arg, cb, dcb, dpair,
+            geo.L, geo.chunk, geo.n_chunks, geo.heads, geo.heads_per_group, geo.groups,
+            pair_splits, geo.P, geo.L_pad, geo.batch, *_strides4(x), *_strides4(dy),
+            HEADS_PER_PROGRAM=geo.heads_per_group // pair_splits, HAS_RESET=has_reset,
+            IEEE=ieee, BT=geo.BT, BLOCK_P=geo.BLOCK_P, num_warps=BWD_WARPS, **stages)
+        dcb = dcb.sum(0) if pair_splits > 1 else dcb[0]
         dx = torch.empty(x.shape, device=dev, dtype=x.dtype)
+        ddt_direct = torch.empty_like(dtp)
+        dcum = torch.empty_like(dtp)
+        dend = torch.empty_like(dtp)
+        dD = (torch.empty((n_bc, geo.n_sub, geo.heads, geo.P), **f32)
+              if D32 is not None else None)
+        _dx_kernel[(geo.n_sub, n_bc, geo.heads)](
+            x, B, C, D32 if D32 is not None else dummy, dy, dtp, cum, doc_arg, cb, g_lp,
+            states_lp, dx, ddt_direct, dcum, dend, dD if dD is not None else dummy,
+            geo.L, geo.chunk, geo.n_chunks, geo.heads, geo.heads_per_group, geo.groups,
+            geo.P, geo.N, geo.L_pad,
+            *_strides4(x), *_strides4(B), *_strides4(C), *_strides4(dy), *_strides4(dx),
+            HAS_RESET=has_reset, HAS_D=D32 is not None,
+            D_PER_CHANNEL=D32 is not None and D32.dim() == 2, IEEE=ieee,
+            BT=geo.BT, BLOCK_P=geo.BLOCK_P, BLOCK_N=geo.BLOCK_N, num_warps=NUM_WARPS, **stages)
+        # dB and dC per group: one program per block of positions (and head split).
+        splits = _head_splits(geo.heads_per_group, geo.n_sub * n_bc * geo.groups)
+        grid = (geo.n_sub, n_bc, geo.groups * splits)
+        per_group = (geo.L, geo.chunk, geo.n_chunks, geo.heads, geo.heads_per_group, geo.groups,
+                     splits, geo.P, geo.N, geo.L_pad)
+        tiles = dict(HEADS_PER_PROGRAM=geo.heads_per_group // splits, HAS_RESET=has_reset,
+                     IEEE=ieee, BT=geo.BT, BLOCK_P=geo.BLOCK_P, BLOCK_N=geo.BLOCK_N,
+                     num_warps=BWD_WARPS, **stages)
         dB = torch.empty((splits, geo.batch, geo.L_pad, geo.groups, geo.N), **f32)
         dC = torch.empty_like(dB)
-        ddt_direct = torch.empty_like(dtp)
-        dcum_src = torch.empty_like(dtp)
-        dcum_tgt = torch.empty_like(dtp)
-        dend = torch.empty_like(dtp)
-        dD = (torch.empty((geo.batch * geo.n_chunks, geo.n_sub, geo.heads, geo.P), **f32)
-              if D32 is not None else None)
-        common = (geo.L, geo.chunk, geo.n_chunks, geo.heads, geo.heads_per_group, geo.groups,
-                  splits, geo.P, geo.N, geo.L_pad,
-                  *_strides4(x), *_strides4(B), *_strides4(C), *_strides4(dy))
-        _dx_db_kernel[grid](
-            x, B, C, D32 if D32 is not None else dummy, dy, dtp, cum, doc_arg, cb, g_lp,
-            dx, dB, ddt_direct, dcum_src, dend, dD if dD is not None else dummy,
-            *common, *_strides4(dx),
-            HEADS_PER_PROGRAM=per_program, HAS_RESET=has_reset, HAS_D=D32 is not None,
-            D_PER_CHANNEL=D32 is not None and D32.dim() == 2, IEEE=ieee,
-            BT=geo.BT, BLOCK_P=geo.BLOCK_P, BLOCK_N=geo.BLOCK_N, num_warps=BWD_WARPS,
-            **stages)
-        _dc_kernel[grid](
-            x, B, C, dy, dtp, cum, doc_arg, cb, states_lp, dC, dcum_tgt,
-            *common,
-            HEADS_PER_PROGRAM=per_program, HAS_RESET=has_reset, IEEE=ieee,
-            BT=geo.BT, BLOCK_P=geo.BLOCK_P, BLOCK_N=geo.BLOCK_N, num_warps=BWD_WARPS,
-            **stages)
+        _db_kernel[grid](x, C, dtp, cum, doc_arg, dcb, g_lp, dB, *per_group,
+                         *_strides4(x), *_strides4(C), **tiles)
+        _dc_kernel[grid](B, dy, cum, doc_arg, dcb, states_lp, dC, *per_group,
+                         *_strides4(B), *_strides4(dy), **tiles)
         ddt = torch.empty(dt.shape, device=dev, dtype=dt.dtype)
         dA = torch.empty((geo.batch, geo.n_chunks, geo.heads), **f32)
         dbias = torch.empty_like(dA) if bias32 is not None else None
         _dt_bwd_kernel[(geo.n_chunks, geo.batch, triton.cdiv(geo.heads, geo.BLOCK_H))](
-            dt, bias32 if bias32 is not None else dummy, A32, dtp, dcum_src, dcum_tgt, dend,
+            dt, bias32 if bias32 is not None else dummy, A32, dtp, dcum, dpair, dend,
             ddt_direct, ddecay, ddt, dA, dbias if dbias is not None else dummy,
-            geo.L, geo.heads, geo.chunk, geo.n_chunks, geo.L_pad, *dt.stride(), *ddt.stride(),
-            dt_min, dt_max,
+            geo.L, geo.heads, geo.chunk, geo.n_chunks, geo.L_pad, geo.n_sub, *dt.stride(),
+            *ddt.stride(), dt_min, dt_max,
             HAS_BIAS=bias32 is not None, SOFTPLUS=softplus, CLAMP=clamp,
             BLOCK_CHUNK=geo.BLOCK_CHUNK, BLOCK_H=geo.BLOCK_H)
         dB = dB.sum(0)[:, :geo.L].to(B.dtype)

@@ -184,6 +184,21 @@ def test_heads_split_over_programs_in_pairs(monkeypatch):
 
 
 @in_process
+@pytest.mark.parametrize("splits", [2, 4])
+def test_heads_split_with_several_sub_blocks(monkeypatch, splits):
+    """Split heads with three 16-position sub-blocks per chunk: the per-group dCB kernel's
+    off-diagonal block pairs with their per-head pair sums, each split's dCB partial, and the
+    dB / dC kernels' blocks dealt out over the splits (with 4 splits some get no block, only
+    their heads' state terms). L = 70 leaves a partial last chunk with an empty block."""
+    from mamba_ft.kernels import ssd as ssd_module
+
+    monkeypatch.setattr(ssd_module, "BLOCK_T_MAX", 16)
+    monkeypatch.setattr(ssd_module, "_head_splits", lambda heads_per_group, base: splits)
+    inputs = make_inputs(2, 70, 4, 16, 1, 16, D="channels")
+    assert_match(run_both(inputs, 48, reset=starts_at(2, 70, [21, 48])), FP32)
+
+
+@in_process
 def test_ssd_bf16_at_mamba2_head_size():
     """Mamba-2's per-head sizes (head_dim 64, N 128, chunk 256: the shipped 64-position
     sub-blocks, 4 per chunk) in bf16, two chunks, resets inside the first and at the second."""
