@@ -181,12 +181,12 @@ def _conv_bwd_kernel(
     x_ptr, w_ptr, bias_ptr, h0_ptr, reset_ptr, dy_ptr,
     dx_ptr, dw_ptr, dbias_ptr, dh0_ptr,
     d, L, n_ltiles,
-    s_x_b, s_x_d, s_x_l, s_o_b, s_o_d, s_o_l, s_r_b, s_r_l,
+    s_x_b, s_x_d, s_x_l, s_o_b, s_o_d, s_o_l, s_dx_b, s_dx_d, s_dx_l, s_r_b, s_r_l,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_RESET: tl.constexpr, SILU: tl.constexpr, NEED_DH0: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    # dx (batch, d, L) contiguous in x's dtype; dw (batch, n_ltiles, d, WIDTH) and dbias
+    # dx (batch, d, L) in x's dtype and layout; dw (batch, n_ltiles, d, WIDTH) and dbias
     # (batch, n_ltiles, d) partials; dh0 (batch, d, WIDTH - 1).
     pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -200,7 +200,7 @@ def _conv_bwd_kernel(
     dx, g, x0, x1, x2, x3 = _local_grads(x_ptr, w_ptr, bias, h0_ptr, reset_ptr, dy_ptr, s_x_d,
                                          s_x_l, s_r_l, s_o_d, s_o_l, offs_d, md, offs_t, L,
                                          WIDTH, HAS_H0, HAS_RESET, SILU)
-    tl.store(dx_ptr + b * d * L + offs_d[:, None] * L + offs_t[None, :],
+    tl.store(dx_ptr + b * s_dx_b + offs_d[:, None] * s_dx_d + offs_t[None, :] * s_dx_l,
              dx.to(dx_ptr.dtype.element_ty), mask=md[:, None] & mt[None, :])
     # Weight and bias gradients of this tile: tap k pairs dpre at t with the (used) input at
     # t - k; g is 0 past the end of the sequence.
@@ -225,10 +225,33 @@ def _conv_bwd_kernel(
                      + (offs_p + WIDTH - 1)[None, :], dh0, mask=mp)
 
 
-# (channels, positions) per program. The backward holds eleven shifted tiles: smaller ones keep
-# more programs resident (H100, Mamba-1.4B shape (2, 4096, 2048): 8 x 128 took 0.104 ms,
-# 16 x 128 0.165 ms, the best and the former of the 18 shapes timed, docs/benchmarks.md).
-_FWD_BLOCK_D, _BWD_BLOCK_D, _BLOCK_L = 16, 8, 128
+# (channels, positions) per program, for inputs contiguous along time (Mamba's channels-first
+# rows). The backward holds eleven shifted tiles: smaller ones keep more programs resident
+# (H100, Mamba-1.4B shape (2, 4096, 2048): 8 x 128 took 0.104 ms, 16 x 128 0.165 ms, the best
+# and the former of the 18 shapes timed, docs/benchmarks.md).
+_TILES_TIME_CONTIGUOUS = dict(fwd=(16, 128), bwd=(8, 128))
+# The same numbers of elements for inputs contiguous along channels (Mamba-2's rows, read
+# through a transposed view): wide in channels, so each position's load is one run of bytes.
+_TILES_CHANNELS_CONTIGUOUS = dict(fwd=(64, 32), bwd=(32, 32))
+
+
+def _channels_contiguous(x: torch.Tensor) -> bool:
+    return x.stride(1) == 1 and x.shape[2] > 1
+
+
+def _tiles(x: torch.Tensor, direction: str) -> tuple[int, int]:
+    tiles = _TILES_CHANNELS_CONTIGUOUS if _channels_contiguous(x) else _TILES_TIME_CONTIGUOUS
+    return tiles[direction]
+
+
+def _empty_in_layout_of(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised (batch, d, L) tensor laid out as x is: contiguous along channels (a
+    transposed (batch, L, d) tensor) when x is, so the conv's output and input gradient stay in
+    the rows' layout and nothing is transposed in memory; else contiguous."""
+    batch, d, L = x.shape
+    if _channels_contiguous(x):
+        return torch.empty((batch, L, d), device=x.device, dtype=x.dtype).transpose(1, 2)
+    return torch.empty((batch, d, L), device=x.device, dtype=x.dtype)
 
 
 class CausalConv1dFn(torch.autograd.Function):
@@ -240,8 +263,9 @@ class CausalConv1dFn(torch.autograd.Function):
         if initial_state is not None:
             initial_state = initial_state.contiguous()
         reset_u8 = reset.to(torch.uint8) if reset is not None else None
-        y = torch.empty_like(x)
-        grid = (triton.cdiv(L, _BLOCK_L), triton.cdiv(d, _FWD_BLOCK_D), batch)
+        y = _empty_in_layout_of(x)
+        block_d, block_l = _tiles(x, "fwd")
+        grid = (triton.cdiv(L, block_l), triton.cdiv(d, block_d), batch)
         _conv_fwd_kernel[grid](
             x, weight, bias if bias is not None else weight,
             initial_state if initial_state is not None else weight,
@@ -249,7 +273,7 @@ class CausalConv1dFn(torch.autograd.Function):
             d, L, *x.stride(), *y.stride(),
             *(reset_u8.stride() if reset_u8 is not None else (0, 0)),
             WIDTH=width, HAS_BIAS=bias is not None, HAS_H0=initial_state is not None,
-            HAS_RESET=reset is not None, SILU=silu, BLOCK_D=_FWD_BLOCK_D, BLOCK_L=_BLOCK_L,
+            HAS_RESET=reset is not None, SILU=silu, BLOCK_D=block_d, BLOCK_L=block_l,
         )
         ctx.save_for_backward(x, weight, bias, initial_state, reset_u8)
         ctx.silu = silu
@@ -260,24 +284,25 @@ class CausalConv1dFn(torch.autograd.Function):
         x, weight, bias, initial_state, reset_u8 = ctx.saved_tensors
         batch, d, L = x.shape
         width = weight.shape[1]
-        n_ltiles = triton.cdiv(L, _BLOCK_L)
+        block_d, block_l = _tiles(x, "bwd")
+        n_ltiles = triton.cdiv(L, block_l)
         f32 = dict(device=x.device, dtype=torch.float32)
-        dx = torch.empty((batch, d, L), device=x.device, dtype=x.dtype)  # stored cast
+        dx = _empty_in_layout_of(x)  # stored cast
         dw = torch.empty((batch, n_ltiles, d, width), **f32)
         dbias = torch.empty((batch, n_ltiles, d), **f32)
         need_dh0 = initial_state is not None and ctx.needs_input_grad[3]
         dh0 = torch.zeros((batch, d, width - 1), **f32) if need_dh0 else None
-        grid = (n_ltiles, triton.cdiv(d, _BWD_BLOCK_D), batch)
+        grid = (n_ltiles, triton.cdiv(d, block_d), batch)
         _conv_bwd_kernel[grid](
             x, weight, bias if bias is not None else weight,
             initial_state if initial_state is not None else weight,
             reset_u8 if reset_u8 is not None else weight, dy,
             dx, dw, dbias, dh0 if dh0 is not None else dw,
-            d, L, n_ltiles, *x.stride(), *dy.stride(),
+            d, L, n_ltiles, *x.stride(), *dy.stride(), *dx.stride(),
             *(reset_u8.stride() if reset_u8 is not None else (0, 0)),
             WIDTH=width, HAS_BIAS=bias is not None, HAS_H0=initial_state is not None,
             HAS_RESET=reset_u8 is not None, SILU=ctx.silu, NEED_DH0=need_dh0,
-            BLOCK_D=_BWD_BLOCK_D, BLOCK_L=_BLOCK_L,
+            BLOCK_D=block_d, BLOCK_L=block_l,
         )
         return (
             dx,

@@ -171,8 +171,13 @@ class MambaFTMamba2Mixer(nn.Module):
             y = self._decode_step(xBC[:, 0], dt[:, 0], w, A, conv_state, ssm_state, cache,
                                   attention_mask)
         else:
-            # The conv reads channels-first rows, contiguous along time.
-            xBC = xBC.transpose(1, 2).contiguous()
+            # The conv takes (batch, channels, L) and reads it through strides: a transposed
+            # view of the rows, so the conv's input, output and gradients all stay in the
+            # rows' layout (contiguous along channels), which is also the layout the SSD reads
+            # x, B and C in. Transposed in memory, the conv's backward read its gradient across
+            # the grain and the backward concatenated strided tensors: the largest items of
+            # the Mamba-2-130m step profile (docs/benchmarks.md).
+            xBC = xBC.transpose(1, 2)
             if cache is not None:
                 # Stores the last `width` conv inputs for the next step (transformers' layout).
                 cache.update_conv_state(xBC, self.layer_idx,
