@@ -587,6 +587,16 @@ def _dx_kernel(
 
 
 @triton.jit
+def _block_group_split(n_chunks, splits):
+    """The coordinates of a (position block, batch*chunk, group*split) program: (block,
+    batch*chunk, group, split, chunk, batch)."""
+    bc = tl.program_id(1)
+    gs = tl.program_id(2)
+    return (tl.program_id(0), bc, gs // splits, gs % splits, bc % n_chunks,
+            (bc // n_chunks).to(tl.int64))
+
+
+@triton.jit
 def _db_kernel(
     x_ptr, C_ptr, dtp_ptr, cum_ptr, doc_ptr, dcb_ptr, g_lp_ptr, dB_ptr,
     L, chunk, n_chunks, heads, heads_per_group, groups, splits, P, N, L_pad,
@@ -598,13 +608,7 @@ def _db_kernel(
     #   dB_s = sum_{t >= s} dCB[t, s] C_t  +  sum_h w_h[s] dt_h[s] x_h[s] G_h,
     # the split taking every splits-th t block and its share of the group's heads; torch sums
     # the splits' partials.
-    j = tl.program_id(0)
-    bc = tl.program_id(1)
-    gs = tl.program_id(2)
-    g = gs // splits
-    split = gs % splits
-    c = bc % n_chunks
-    b = (bc // n_chunks).to(tl.int64)
+    j, bc, g, split, c, b = _block_group_split(n_chunks, splits)
     p = tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
     s, s_in, s_valid = _positions(c, j, chunk, L, BT)
@@ -648,13 +652,7 @@ def _dc_kernel(
     # One program per (target block t, batch*chunk, group*split), one (t, N) accumulator:
     #   dC_t = sum_{s <= t} dCB[t, s] B_s  +  sum_h exp(cum_h[t]) dy_h[t] h_in_h,
     # split as _db_kernel's.
-    i = tl.program_id(0)
-    bc = tl.program_id(1)
-    gs = tl.program_id(2)
-    g = gs // splits
-    split = gs % splits
-    c = bc % n_chunks
-    b = (bc // n_chunks).to(tl.int64)
+    i, bc, g, split, c, b = _block_group_split(n_chunks, splits)
     p = tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
     t, t_in, t_valid = _positions(c, i, chunk, L, BT)
