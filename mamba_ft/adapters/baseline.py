@@ -103,7 +103,17 @@ def unload_peft(model: nn.Module, merge: bool) -> None:
 
     for name, module in list(model.named_modules()):
         if isinstance(module, BaseTunerLayer):
-            if merge:
+            if merge and type(module).__module__.endswith(".bnb"):
+                # PEFT's bitsandbytes LoRA layer whose base `dequantize_model` has made a plain
+                # Linear (QLoRA merge): its own merge would re-quantise; add the delta instead.
+                base = module.get_base_layer()
+                if type(base) is not nn.Linear:
+                    raise UserError("Merging LoRA into a quantised Transformer Linear needs it "
+                                    "dequantised first; use mamba_ft.adapters.merge_adapters.")
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        base.weight.data += module.get_delta_weight(adapter).to(base.weight.dtype)
+            elif merge:
                 module.merge()
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model

@@ -19,6 +19,10 @@ matrix, and no gradient reaches it. The adapters sit on top exactly as on a full
 base.
 
 - `quantize_model(model, config)`: quantise a loaded Mamba in place; returns the report.
+- `quantize_transformer(model, config)` (through `quantize_model`): a Transformer baseline's
+  Linears, by transformers' own bitsandbytes rule and helper (`replace_with_bnb_linear`): every
+  Linear but the output head; `modules` is Mamba-only. PEFT's bitsandbytes LoRA layers train on
+  them; merging dequantises them first, as for a Mamba.
 - `check_prequantized(...)`: a checkpoint saved quantised (transformers' `quantization_config`)
   must agree with the recipe; transformers' own bitsandbytes loader then reads it.
 - `dequantize_model(model)`: plain Linears (and a plain embedding, a tied head) holding the
@@ -72,7 +76,8 @@ class QuantizeConfig(BaseModel):
         default_factory=lambda: list(DEFAULT_MODULES),
         description="which modules hold quantised weights: in_proj, out_proj (default), "
                     "x_proj, dt_proj (Mamba-1 only), embeddings (the input embedding; a head "
-                    "tied to it reads the same quantised table)")
+                    "tied to it reads the same quantised table). Mamba only: leave it out for a "
+                    "Transformer baseline (every Linear of its decoder layers is quantised)")
 
     @model_validator(mode="before")
     @classmethod
@@ -143,10 +148,16 @@ class QuantizationReport:
     # With the embeddings quantised: "tied" (the head reads their table), "untied" (the head
     # stays in the compute dtype) or "none" (no head); None when they are not quantised.
     head: str | None = None
+    # A Transformer baseline (transformers' bitsandbytes rule: every Linear but the head); its
+    # rows are the Linears' leaf names, which `model.quantize.modules` does not take.
+    transformer: bool = False
 
     def record(self) -> dict:
-        """What an adapter file keeps so `mamba-ft merge` can rebuild the same base."""
-        data = {"kind": self.kind, "compute_dtype": self.compute_dtype, "modules": list(self.rows)}
+        """What an adapter file keeps so `mamba-ft merge` can rebuild the same base (for a
+        Transformer no `modules`: its quantisation has no choice of modules to rebuild)."""
+        data = {"kind": self.kind, "compute_dtype": self.compute_dtype}
+        if not self.transformer:
+            data["modules"] = list(self.rows)
         if self.double_quant is not None:
             data["double_quant"] = self.double_quant
         return data
@@ -156,10 +167,10 @@ class QuantizationReport:
         if self.double_quant is not None:
             options.insert(0, "double quantisation" if self.double_quant else "no double quantisation")
         lines = [f"base weights {self.kind} ({', '.join(options)}; {self.source}):",
-                 f"{'module':<10}{'modules':>9}{'parameters':>14}{'bytes before':>16}{'bytes after':>15}"]
+                 f"{'module':<{self._width()}}{'modules':>9}{'parameters':>14}{'bytes before':>16}{'bytes after':>15}"]
         total_before = total_after = 0
         for name, (count, params, before, after) in self.rows.items():
-            lines.append(f"{name:<10}{count:>9}{params:>14,}{before:>16,}{after:>15,}")
+            lines.append(f"{name:<{self._width()}}{count:>9}{params:>14,}{before:>16,}{after:>15,}")
             total_before += before
             total_after += after
         outside = {None: ["embeddings", "lm_head"], "untied": ["lm_head (untied)"]}.get(self.head, [])
@@ -170,6 +181,10 @@ class QuantizationReport:
         lines.append(f"base model: {self.base_bytes / 2**20:,.2f} MiB of weights "
                      f"({(self.base_bytes + total_before - total_after) / 2**20:,.2f} MiB unquantised)")
         return "\n".join(lines)
+
+    def _width(self) -> int:
+        # Transformer Linears have longer names (dense_h_to_4h) than Mamba's modules.
+        return max([10] + [len(name) + 2 for name in self.rows])
 
 
 def _kept(families: set[type], quantized: list[str]) -> list[str]:
@@ -283,8 +298,8 @@ def _quantizable_mixers(model: nn.Module, config: QuantizeConfig, where: str) ->
     all_mixers = mixers(model)
     if not all_mixers:
         raise UserError(f"model.quantize: {config.kind} is implemented for Mamba models, and {where} is "
-                        f"not one (or its mixers were not swapped: load it with mamba_ft.models."
-                        f"load_model); set model.quantize: none for a Transformer baseline.")
+                        f"not one, or its mixers were not swapped; load it with mamba_ft.models."
+                        f"load_model, or set model.quantize: none.")
     others = sorted({type(m).__name__ for m in all_mixers if type(m) not in _FAMILY_MODULES})
     if others:
         raise UserError(f"model.quantize: {config.kind} is implemented for mamba-ft's Mamba-1 and "
@@ -340,12 +355,16 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, where: str = "this 
     """Replace the modules `config` names by bitsandbytes ones holding their weights quantised.
 
     In place; returns the report (None for `kind: none`). The model must be a Mamba with
-    mamba-ft's mixers (load_model swaps them in).
+    mamba-ft's mixers (load_model swaps them in), or a Transformer baseline (a causal LM with
+    no Mamba layers), whose Linears are quantised as transformers' bitsandbytes integration
+    quantises them (`quantize_transformer`).
     """
     if not config.enabled:
         return None
     if quantization_of(model) is not None or any(is_quantized(m) for m in model.modules()):
         raise UserError(f"{where} is already quantised; quantise a full-precision model once.")
+    if is_transformer_baseline(model):
+        return quantize_transformer(model, config, where)
     families = {type(m) for m in _quantizable_mixers(model, config, where)}
     emb = _quantizable_embedding(model, config, where) if "embeddings" in config.modules else None
     bnb = _require_bitsandbytes(config.kind, next(model.parameters()).device)
@@ -367,6 +386,218 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, where: str = "this 
         report.head = _quantize_embeddings(model, emb, config)
         report.rows["embeddings"] = [1, emb.weight.numel(), emb.weight.numel() * dtype.itemsize,
                                      _quantized_bytes(model.get_input_embeddings())]
+    report.base_bytes = base_weight_bytes(model)
+    object.__setattr__(model, _ATTR, report)
+    return report
+
+
+# --- Transformer baselines ----------------------------------------------------------------
+# A Transformer's forward calls its Linears as modules, so bitsandbytes' own Linear4bit /
+# Linear8bitLt forwards run, and PEFT's LoRA wraps them (its bitsandbytes layers). Which Linears
+# and how is transformers' rule (`from_pretrained(quantization_config=BitsAndBytesConfig(...))`):
+# every nn.Linear (and GPT-2's Conv1D) but the output head, tied weights and the model's
+# `_keep_in_fp32_modules`; the embeddings are not Linears and stay as they are.
+
+_TRANSFORMER_MODULES_HELP = ("every Linear of its decoder layers, as transformers' bitsandbytes "
+                             "integration does (the embeddings and lm_head stay in the compute dtype)")
+
+
+def is_transformer_baseline(model: nn.Module) -> bool:
+    """A model with no Mamba mixers whose type is not a Mamba one (a Mamba whose mixers were not
+    swapped is not a baseline: quantising it is refused with the Mamba message)."""
+    from mamba_ft.models.model_types import mamba_model_type
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return not mixers(model) and mamba_model_type(model_type) is None and hasattr(model, "get_output_embeddings")
+
+
+def _check_transformer_modules(config: QuantizeConfig, where: str) -> None:
+    """`model.quantize.modules` names Mamba modules (or the Mamba embeddings option); a Transformer
+    has one choice, transformers' rule, taken when `modules` is left out."""
+    if "modules" in config.model_fields_set:
+        raise UserError(f"model.quantize.modules names {', '.join(config.modules)}, which are Mamba "
+                        f"modules; {where} is a Transformer baseline, where model.quantize quantises "
+                        f"{_TRANSFORMER_MODULES_HELP}. Remove model.quantize.modules.")
+
+
+def _bnb_config(config: QuantizeConfig):
+    """transformers' BitsAndBytesConfig for `config` (its defaults otherwise: for int8, the
+    LLM.int8() outlier threshold 6.0)."""
+    from transformers import BitsAndBytesConfig
+
+    if config.kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    double = True if config.double_quant is None else config.double_quant
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config.kind,
+                              bnb_4bit_use_double_quant=double,
+                              bnb_4bit_compute_dtype=config.torch_dtype())
+
+
+def _transformer_skips(model: nn.Module) -> list[str]:
+    """The module names transformers' bitsandbytes quantizer leaves unquantised by default
+    (`llm_int8_skip_modules` unset): the output head, tied weights, the last parameter's module,
+    plus the model's `_keep_in_fp32_modules`."""
+    try:
+        from transformers.quantizers.base import get_keys_to_not_convert
+
+        skips = list(get_keys_to_not_convert(model))
+    except (ImportError, AttributeError):  # another transformers: the head, by name
+        head = model.get_output_embeddings()
+        skips = [n for n, m in model.named_modules() if head is not None and m is head]
+    return skips + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+
+
+def _transformer_candidates(model: nn.Module, skips: list[str]) -> dict[str, nn.Module]:
+    """name -> the Linear (or Conv1D) transformers' rule quantises."""
+    from transformers.pytorch_utils import Conv1D
+
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:
+        def should_convert_module(name, patterns):
+            return not any(name == p or name.startswith(p + ".") or name.endswith(p) for p in patterns)
+    return {n: m for n, m in model.named_modules()
+            if n and (type(m) is nn.Linear or isinstance(m, Conv1D)) and should_convert_module(n, skips)}
+
+
+def _check_cpu_blocks(candidates: dict[str, nn.Module], config: QuantizeConfig, device: torch.device,
+                      where: str) -> None:
+    """bitsandbytes 0.50's CPU 4-bit matmul (what Linear4bit.forward runs there) dequantises a
+    matrix row by row, which scrambles a matrix whose rows are not whole 64-weight blocks (the
+    Mamba mixer's own GEMMs dequantise flat and are not affected). Refuse it where the model can
+    only run on the CPU, before anything is quantised."""
+    if config.kind == "int8" or device.type != "cpu" or torch.cuda.is_available():
+        return
+    bad = [(n, _in_features(m)) for n, m in candidates.items() if _in_features(m) % 64]
+    if bad:
+        name, width = bad[0]
+        raise UserError(f"model.quantize: {config.kind} on the CPU: bitsandbytes' CPU 4-bit matmul gives "
+                        f"wrong outputs for a Linear whose input width is not a multiple of 64, and "
+                        f"{where} has {len(bad)} such ({name}: {width}); run it on a GPU, use "
+                        f"model.quantize: int8, or a model whose widths are multiples of 64.")
+
+
+def _in_features(module: nn.Module) -> int:
+    return module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]  # Conv1D: (in, out)
+
+
+def _materialize(bnb, q: nn.Module, original: nn.Module, config: QuantizeConfig) -> None:
+    """Put `original`'s weight, quantised, into the meta-device bitsandbytes Linear `q` that
+    transformers' `replace_with_bnb_linear` built (as its Bnb4bitQuantize / Bnb8bitQuantize
+    conversions do while loading a checkpoint)."""
+    from transformers.pytorch_utils import Conv1D
+
+    weight = original.weight.detach()
+    if isinstance(original, Conv1D):
+        weight = weight.T  # Conv1D stores (in, out)
+    device = weight.device
+    if config.kind == "int8":
+        kwargs = dict(q.weight.__dict__)
+        kwargs.pop("SCB", None)
+        # Int8Params quantises when moved off the CPU or onto it from the CPU, so start there.
+        q.weight = bnb.nn.Int8Params(weight.contiguous().cpu(), requires_grad=False, **kwargs).to(device)
+    else:
+        # Quantised from the compute dtype, as mamba-ft's Mamba path does.
+        q.weight = bnb.nn.Params4bit(weight.to(config.torch_dtype()).contiguous(), requires_grad=False,
+                                     **q.weight.__dict__).to(device)
+    if original.bias is not None:
+        q.bias = nn.Parameter(original.bias.detach().clone(), requires_grad=False)
+
+
+def quantize_transformer(model: nn.Module, config: QuantizeConfig, where: str = "this model") -> QuantizationReport:
+    """Quantise a Transformer baseline's Linears with transformers' own bitsandbytes helper
+    (`replace_with_bnb_linear`, `BitsAndBytesConfig`), on the already-built model: the modules
+    it would quantise while loading are replaced, then filled with the quantised weights. Falls
+    back to mamba-ft's `_quantized_linear` for the same modules where that helper is missing.
+    The model is marked `is_loaded_in_4bit` / `is_loaded_in_8bit`, as transformers marks it, so
+    PEFT wraps the quantised Linears in its bitsandbytes LoRA layers."""
+    _check_transformer_modules(config, where)
+    device = next(model.parameters()).device
+    skips = _transformer_skips(model)
+    candidates = _transformer_candidates(model, skips)
+    if not candidates:
+        raise UserError(f"model.quantize: {config.kind}: {where} has no Linear that transformers' "
+                        f"bitsandbytes integration would quantise; set model.quantize: none.")
+    _check_cpu_blocks(candidates, config, device, where)
+    bnb = _require_bitsandbytes(config.kind, device)
+    dtype = config.torch_dtype()
+    try:
+        from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+    except ImportError:
+        replace_with_bnb_linear = None
+    if replace_with_bnb_linear is not None:
+        replace_with_bnb_linear(model, modules_to_not_convert=skips, quantization_config=_bnb_config(config))
+        for name, original in candidates.items():
+            q = model.get_submodule(name)
+            if q is original:  # transformers' rule and ours disagree: leave it as it is
+                continue
+            _materialize(bnb, q, original, config)
+    else:
+        for name, original in candidates.items():
+            if isinstance(original, nn.Linear):
+                model.set_submodule(name, _quantized_linear(bnb, original, config))
+    report = QuantizationReport(config.kind, None if config.kind == "int8" else
+                                (True if config.double_quant is None else config.double_quant),
+                                config.compute_dtype if config.compute_dtype != "auto" else "float32",
+                                transformer=True)
+    left = []
+    for name, original in candidates.items():
+        q = model.get_submodule(name)
+        leaf = name.rsplit(".", 1)[-1]
+        if not is_quantized(q):
+            left.append(leaf)
+            continue
+        row = report.rows.setdefault(leaf, [0, 0, 0, 0])
+        row[0] += 1
+        row[1] += original.weight.numel()
+        row[2] += original.weight.numel() * dtype.itemsize
+        row[3] += _quantized_bytes(q)
+    # Linears left in the compute dtype besides the head (`_keep_in_fp32_modules`, tied ones);
+    # the report adds the embeddings and the head.
+    head = model.get_output_embeddings()
+    others = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if isinstance(m, nn.Linear) and not is_quantized(m) and m is not head} | set(left))
+    report.kept = ["norms", *others]
+    report.base_bytes = base_weight_bytes(model)
+    _no_cpu_repacking(model)
+    setattr(model, "is_loaded_in_8bit" if config.kind == "int8" else "is_loaded_in_4bit", True)
+    object.__setattr__(model, _ATTR, report)
+    return report
+
+
+def _no_cpu_repacking(model: nn.Module) -> None:
+    """Keep bitsandbytes 0.50's Linear4bit off its CPU inference kernel: on an AVX512-BF16 CPU
+    the first eval-mode forward repacks the weight for it, and the repacked weight stays, so the
+    next training forward takes that kernel's path too and fails (an in-place bias add on a
+    tensor that needs a gradient), as an eval before training does in the training loop. Eval
+    then computes what training does (the dequantised matrix times x)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _adopt_transformer(model: nn.Module, config: QuantizeConfig, where: str) -> QuantizationReport:
+    """Report a Transformer baseline transformers loaded quantised (its own rule, as above)."""
+    _check_transformer_modules(config, where)
+    found: dict[str, list[nn.Module]] = {}
+    for name, module in model.named_modules():
+        if is_quantized(module):
+            found.setdefault(name.rsplit(".", 1)[-1], []).append(module)
+    kinds = {quantization_kind(m) for ms in found.values() for m in ms}
+    if kinds != {config.kind}:
+        raise UserError(f"{where} holds {', '.join(sorted(k or 'none' for k in kinds)) or 'no quantised'} "
+                        f"weights, not {config.kind}; save it again, or quantise a full-precision checkpoint.")
+    first = next(iter(found.values()))[0]
+    double = None if config.kind == "int8" else bool(first.weight.quant_state.nested)
+    dtype = str(dequantized_weight(first).dtype).removeprefix("torch.")
+    report = QuantizationReport(config.kind, double, dtype, source="saved quantised", kept=["norms"],
+                                transformer=True)
+    _no_cpu_repacking(model)
+    for leaf, modules in found.items():
+        report.rows[leaf] = [len(modules), sum(m.out_features * m.in_features for m in modules),
+                             sum(m.out_features * m.in_features * dequantized_weight(m).element_size()
+                                 for m in modules),
+                             sum(_quantized_bytes(m) for m in modules)]
     report.base_bytes = base_weight_bytes(model)
     object.__setattr__(model, _ATTR, report)
     return report
@@ -410,6 +641,8 @@ def check_prequantized(qc: dict, config: QuantizeConfig | None, where: str) -> Q
 def adopt_prequantized(model: nn.Module, config: QuantizeConfig, where: str) -> QuantizationReport:
     """Report a checkpoint transformers loaded quantised; its quantised modules must be the
     ones the recipe names (when it names them)."""
+    if is_transformer_baseline(model):
+        return _adopt_transformer(model, config, where)
     all_mixers = _quantizable_mixers(model, config, where)
     found: dict[str, list[nn.Module]] = {}
     for mixer in all_mixers:
