@@ -127,6 +127,9 @@ class RunSection(Section):
                                                        "chunk of rows at a time, so the (batch, "
                                                        "L, vocab) logits never exist (one "
                                                        "process; not with cuda_graphs)")
+    compile: bool = Field(False, description="torch.compile the model's forward and backward "
+                                             "(nn.Module.compile: Dynamo traces mamba-ft's mixers "
+                                             "in one graph); not with cuda_graphs or model.quantize")
 
     @model_validator(mode="after")
     def _length(self):
@@ -247,6 +250,18 @@ class Recipe(Section):
         if quantize.enabled and self.run.cuda_graphs:
             raise ValueError("run.cuda_graphs is not supported with model.quantize yet; set "
                              "run.cuda_graphs: false")
+        return self
+
+    @model_validator(mode="after")
+    def _compile_alone(self):
+        # Each combination is refused until it is tested: a CUDA graph would capture compiled
+        # code, and bitsandbytes' dequantisation has not been traced.
+        if self.run.compile and self.run.cuda_graphs:
+            raise ValueError("run.compile and run.cuda_graphs together are not supported; set one "
+                             "of them to false")
+        if self.run.compile and self.model.quantize.enabled:
+            raise ValueError(f"run.compile is not supported with model.quantize "
+                             f"{self.model.quantize.kind} yet; set run.compile: false")
         return self
 
     def precision_policy(self) -> PrecisionPolicy:

@@ -40,8 +40,19 @@ def _chunk_states(decay, drive, keep, state):
     for t in range(drive.shape[0]):
         if keep is not None:
             state = state * keep[t, :, None, None]
-        state = torch.addcmul(drive[t], decay[t], state, out=states[t])
+        state = _into(states[t], torch.addcmul, drive[t], decay[t], state)
     return states
+
+
+def _into(out, op, *args):
+    """op(*args) written into `out`, a slice of a preallocated tensor, and returned. Eagerly
+    with `out=` (no temporary); while torch.compile traces, as the op and a copy, since Dynamo
+    breaks the graph at an `out=` into a slice (once per step)."""
+    if torch.compiler.is_compiling():
+        value = op(*args)
+        out.copy_(value)
+        return value
+    return op(*args, out=out)
 
 
 def _discretize(u, delta, A, B):
@@ -103,7 +114,7 @@ class _ChunkedScan(torch.autograd.Function):
             g = torch.empty_like(states)
             for t in reversed(range(states.shape[0])):
                 carried = g_next if decay_next is None else decay_next * g_next
-                g_next = torch.add(local[t], carried, out=g[t])
+                g_next = _into(g[t], torch.add, local[t], carried)
                 decay_next = eff_decay[t]
             dC[..., sl] = torch.einsum("tbdn,bdt->bnt", states, dy[..., sl])
             g_prev = g * prev * decay  # dL/d(delta_t * A) through the decay

@@ -90,23 +90,29 @@ def _chunk(x, dt, A, B, C, h_in, reset):
     return y.reshape(b, T, h, p), h_out.reshape(b, h, p, n)
 
 
+def _chunks(x, dt, A, B, C, initial_state, reset, chunk_size):
+    """The chunks in order: the outputs (concatenated), the final state and the state entering
+    each chunk."""
+    state = initial_state
+    entering, ys = [], []
+    for start in range(0, x.shape[1], chunk_size):
+        sl = slice(start, start + chunk_size)
+        entering.append(state)
+        y, state = _chunk(x[:, sl], dt[:, sl], A, B[:, sl], C[:, sl], state,
+                          None if reset is None else reset[:, sl])
+        ys.append(y)
+    return torch.cat(ys, dim=1), state, entering
+
+
 class _ChunkedSSD(torch.autograd.Function):
     """The SSD scan without D, z or dt processing, all fp32 (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, initial_state, reset, chunk_size):
-        length = x.shape[1]
-        state = initial_state
-        entering, ys = [], []
-        for start in range(0, length, chunk_size):
-            sl = slice(start, start + chunk_size)
-            entering.append(state)
-            y, state = _chunk(x[:, sl], dt[:, sl], A, B[:, sl], C[:, sl], state,
-                              None if reset is None else reset[:, sl])
-            ys.append(y)
+        y, state, entering = _chunks(x, dt, A, B, C, initial_state, reset, chunk_size)
         ctx.save_for_backward(x, dt, A, B, C, reset, *entering)
         ctx.chunk_size = chunk_size
-        return torch.cat(ys, dim=1), state
+        return y, state
 
     @staticmethod
     def backward(ctx, dy, dlast):
@@ -174,8 +180,13 @@ def mamba_chunk_scan_combined(
             dt32 = dt32.clamp(min=dt_limit[0], max=dt_limit[1])
         state = (initial_states.float() if initial_states is not None
                  else x32.new_zeros(batch, heads, head_dim, B.shape[-1]))
-        y, state = _ChunkedSSD.apply(x32, dt32, A.float(), B.float(), C.float(), state, reset,
-                                     chunk_size)
+        args = (x32, dt32, A.float(), B.float(), C.float(), state, reset, chunk_size)
+        if torch.compiler.is_compiling():
+            # The eager backward recomputes each chunk through torch.autograd.grad, where Dynamo
+            # breaks the graph; traced, autograd differentiates the chunks directly.
+            y, state, _ = _chunks(*args)
+        else:
+            y, state = _ChunkedSSD.apply(*args)
         if D is not None:
             D32 = D.float()
             y = y + x32 * (D32[:, None] if D32.dim() == 1 else D32)

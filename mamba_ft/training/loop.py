@@ -7,8 +7,8 @@
    resumed step; only now is the output dir written (run_dir.py).
 3. train: for each optimizer step, this process's micro-batches of the global batch; the loss
    normalised by the target tokens of the whole global batch (all accumulation steps and all
-   processes); each micro-step eager or replayed as a CUDA graph (run.cuda_graphs); clip,
-   step; log, eval, checkpoint.
+   processes); each micro-step eager, compiled (run.compile) or replayed as a CUDA graph
+   (run.cuda_graphs); clip, step; log, eval, checkpoint.
 4. finish: final eval, the adapter (or model) saved, the loss curve, the evaluation hooks.
 
 Data order is a function of (seed, epoch) alone and the position in it a function of the
@@ -86,6 +86,10 @@ class TrainingRun:
         self.full_shapes = distributed.full_shapes(model)  # to check what is saved from shards
         if self.fsdp2 is not None:
             model = distributed.shard_model(model, self.fsdp2, accelerator.device)
+        if run.compile:
+            # In place (the module, its names and state dict stay as they are): the forward and,
+            # through AOTAutograd, the backward become compiled graphs on the first micro-step.
+            model.compile()
         self.trainable = [p for p in model.parameters() if p.requires_grad]  # the shards, under FSDP2
 
         self.train_data, self.eval_data = setup.datasets(recipe, tokenizer, train_dataset, eval_dataset,
