@@ -62,6 +62,8 @@ RUNS = [
     ("1.4b", "lora", "fused+recompute", 2),
     ("1.4b", "lora", "fused+bf16-frozen", 2),  # precision.frozen_base: bf16
     ("130m", "full", "fused+graph", None),  # run.cuda_graphs
+    ("130m", "full", "fused+compile", None),  # run.compile
+    ("mamba2-130m", "full", "fused+compile", None),
     ("130m", "lora", "fused+graph", None),
     ("1.4b", "lora", "fused+graph", 2),
     ("1.4b", "lora", "fused+bf16-frozen+graph", 2),
@@ -140,6 +142,8 @@ def make_step(name, mode, path, batch, L):
         from mamba_ft.precision import store_frozen_in
 
         store_frozen_in(model, torch.bfloat16)
+    if "compile" in options:  # run.compile, as the training loop applies it
+        model.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
