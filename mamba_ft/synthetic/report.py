@@ -296,12 +296,39 @@ def _gap(results, best, tf, decoding, metric, inside) -> tuple[float, float | No
     return (b[0] - a[0], None) if a and b else None
 
 
-def plot_accuracy_vs_length(results: dict, path: Path) -> None:
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _finish_axes(ax, ticks, xlabel: str, ylabel: str, title: str, log2: bool = False,
+                 legend: bool = True) -> None:
+    """An accuracy panel's common dressing: 0-1 scale, one labelled tick per value, grid."""
+    if log2:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [str(n) for n in ticks])
+    ax.minorticks_off()
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=6)
+
+
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_length(results: dict, path: Path) -> None:
+    plt = _pyplot()
     variants = _variants(results)
     decoding, metric, label = headline(results)
     fig, axes = plt.subplots(2, len(variants), figsize=(4.2 * len(variants), 6), squeeze=False)
@@ -322,18 +349,9 @@ def plot_accuracy_vs_length(results: dict, path: Path) -> None:
         for row_i, ylabel in enumerate((label, "token accuracy (teacher-forced)")):
             ax = axes[row_i][col]
             ax.axvline(hi, color="grey", linestyle=":", linewidth=1)
-            ax.set_ylim(-0.03, 1.03)
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(lengths, [str(n) for n in lengths])
-            ax.minorticks_off()
-            ax.set_xlabel(f"test length (dotted: longest trained, {hi})")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{results['spec']['task']}: {variant}", fontsize=9)
-            ax.grid(alpha=0.3)
-        axes[0][col].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+            _finish_axes(ax, lengths, f"test length (dotted: longest trained, {hi})", ylabel,
+                         f"{results['spec']['task']}: {variant}", log2=True, legend=row_i == 0)
+    _save(plt, fig, path)
 
 
 def plot_accuracy_vs_state(results: dict, path: Path) -> bool:
@@ -342,11 +360,7 @@ def plot_accuracy_vs_state(results: dict, path: Path) -> bool:
     states = {r["d_state"] for r in results["runs"] if r["family"] == "mamba" and not r.get("d_state_per_length")}
     if len(states) < 2:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     variants = _variants(results)
     decoding, metric, label = headline(results)
     fig, axes = plt.subplots(2, len(variants), figsize=(4.2 * len(variants), 6.4), squeeze=False)
@@ -370,19 +384,11 @@ def plot_accuracy_vs_state(results: dict, path: Path) -> bool:
                 if runs[0]["family"] != "mamba":
                     ax.axhline(mean(runs), linestyle="--", linewidth=1, color="black",
                                label=f"{model} ({runs[0]['params'] / 1e3:.0f}k)")
-            states_here = sorted({runs[0]["d_state"] for runs in mamba_cells})
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(states_here, [str(n) for n in states_here])
-            ax.minorticks_off()
-            ax.set_ylim(-0.03, 1.03)
-            ax.set_xlabel("Mamba d_state")
-            ax.set_ylabel(f"{label},\nmean over test lengths {range_name}", fontsize=8)
-            ax.set_title(f"{results['spec']['task']}: {variant}, lengths {range_name}", fontsize=9)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+            _finish_axes(ax, sorted({runs[0]["d_state"] for runs in mamba_cells}), "Mamba d_state",
+                         f"{label},\nmean over test lengths {range_name}",
+                         f"{results['spec']['task']}: {variant}, lengths {range_name}", log2=True)
+            ax.yaxis.label.set_size(8)
+    _save(plt, fig, path)
     return True
 
 
@@ -393,11 +399,7 @@ def plot_accuracy_vs_max_length(results: dict, path: Path) -> bool:
     groups = _groups(results)
     if not results["spec"].get("train_max_lengths") or not results["runs"]:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     decoding, metric, label = headline(results)
     fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 3.6), squeeze=False)
     for col, (task_variant, by_length) in enumerate(groups.items()):
@@ -418,16 +420,9 @@ def plot_accuracy_vs_max_length(results: dict, path: Path) -> bool:
             family = cells(results, by_length[xs[0]])[model][0]
             style = "--s" if family["family"] != "mamba" else ("-^" if family.get("d_state_per_length") else "-o")
             ax.errorbar(xs, ys, yerr=errors if any(errors) else None, fmt=style, capsize=2, markersize=4, label=model)
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_xticks(list(by_length), [str(n) for n in by_length])
-        ax.set_xlabel("longest training length L (tested at L)")
-        ax.set_ylabel(label)
-        ax.set_title(f"{results['spec']['task']}: {task_variant}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+        _finish_axes(ax, list(by_length), "longest training length L (tested at L)", label,
+                     f"{results['spec']['task']}: {task_variant}")
+    _save(plt, fig, path)
     return True
 
 
