@@ -162,6 +162,21 @@ DESCRIPTION = ("Fine-tune Mamba language models (adapters on every buffer, mixed
                "fused kernels) and measure what it buys: few-shot ICL sweeps and synthetic tasks.")
 
 
+def _add_sweep_options(p: argparse.ArgumentParser, limit_type, out_holds: str) -> None:
+    """The ICL sweep's options, shared by `icl` and `paper` (which runs the sweeps itself)."""
+    p.add_argument("--tasks", default="mamba_ft_icl",
+                   help="comma-separated lm-eval tasks (default: the bundled rule tasks)")
+    p.add_argument("--shots", default="0,1,3,5")
+    p.add_argument("--seeds", default="1234,1235,1236", help="few-shot sampling seeds")
+    p.add_argument("--limit", type=limit_type, default=None,
+                   help="documents per task (a number < 1 is a fraction)")
+    p.add_argument("--batch-size", default="8", help="evaluation batch size of the ICL sweeps")
+    p.add_argument("--online", action="store_true",
+                   help="let models and datasets come from the Hugging Face Hub")
+    p.add_argument("--out", default=None, help=f"directory for {out_holds}")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # --debug is accepted before or after the subcommand.
     common = argparse.ArgumentParser(add_help=False)
@@ -202,14 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model to evaluate (repeat): checkpoint dir, hub id or bundled:NAME")
     p.add_argument("--adapter", action="append", metavar="LABEL=DIR", help="attach a saved adapter to model LABEL")
     p.add_argument("--tokenizer", action="append", metavar="LABEL=DIR", help="tokenizer for model LABEL")
-    p.add_argument("--tasks", default="mamba_ft_icl", help="comma-separated lm-eval tasks (default: the bundled rule tasks)")
-    p.add_argument("--shots", default="0,1,3,5")
-    p.add_argument("--seeds", default="1234,1235,1236", help="few-shot sampling seeds")
-    p.add_argument("--limit", type=float, default=None, help="documents per task (a number < 1 is a fraction)")
+    _add_sweep_options(p, limit_type=float, out_holds="results.json, results.md and the plots")
     p.add_argument("--baseline", default=None, help="label the ratio divides by (default: the first Transformer)")
     p.add_argument("--data", action="append", metavar="TASK=DIR", help="local split files for a task (repeat)")
-    p.add_argument("--out", default=None, help="directory for results.json, results.md and the plots")
-    p.add_argument("--batch-size", default="8")
     p.add_argument("--bootstrap-iters", type=int, default=None,
                    help="lm-eval's bootstrap iterations for the scores' standard errors "
                         "(default 1000; 0 turns standard errors and intervals off)")
@@ -217,8 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="dtype the weights are loaded in")
     p.add_argument("--autocast", default=None, choices=["bfloat16", "float16"],
                    help="run the forwards under autocast (weights stay in --dtype)")
-    p.add_argument("--online", action="store_true", help="let datasets and models come from the Hugging Face Hub")
-    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     p.set_defaults(func=_icl)
 
     p = sub.add_parser("paper", help="Halloran et al.'s experiment: fine-tune a Mamba and a Transformer "
@@ -231,11 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="alpaca-format training data: file, datasets dir or hub "
                                                 "name (default: instruction rows generated from the rule corpus)")
     p.add_argument("--eval-data", default=None, help="alpaca-format eval data for --data")
-    p.add_argument("--tasks", default="mamba_ft_icl", help="comma-separated lm-eval tasks")
+    _add_sweep_options(p, limit_type=str, out_holds="results.json, results.md, the runs and sweeps")
     p.add_argument("--steps", default="60", help="optimizer steps of every fine-tune")
-    p.add_argument("--shots", default="0,1,3,5")
-    p.add_argument("--seeds", default="1234,1235,1236", help="few-shot sampling seeds")
-    p.add_argument("--limit", default=None, help="documents per task (a number < 1 is a fraction)")
     p.add_argument("--precision", default="bf16", help="bf16, fp16 (CUDA) or fp32: the MPFT+PEFT runs' autocast")
     p.add_argument("--lr", default="1e-3")
     p.add_argument("--micro-batch-size", default="8")
@@ -249,10 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
     # The old single --seed: an error naming its replacements (and, being defined, it keeps
     # argparse from reading `--seed` as an abbreviation of --seeds).
     p.add_argument("--seed", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--batch-size", default="8", help="evaluation batch size of the ICL sweeps")
-    p.add_argument("--online", action="store_true", help="let models and datasets come from the Hugging Face Hub")
-    p.add_argument("--out", default=None, help="directory for results.json, results.md, the runs and sweeps")
-    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.set_defaults(func=_paper)
 
     p = sub.add_parser("generate", help="text from a model or a fine-tuned adapter, streamed to stdout")
