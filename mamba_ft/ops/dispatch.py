@@ -1,7 +1,10 @@
 """Dispatch for the mixer's ops: the fused Triton kernels on CUDA, the reference ops elsewhere.
 
 The mixer calls only these functions, so the choice of implementation lives in one place.
-`MAMBA_FT_OPS=reference` forces the reference path (useful to compare paths on a GPU).
+`MAMBA_FT_OPS=reference` forces the reference path (useful to compare paths on a GPU);
+`MAMBA_FT_OPS=kernels` runs the kernels on CPU tensors too, which Triton can do only through
+its interpreter (`TRITON_INTERPRET=1`, tiny shapes): how the CPU tests run whole mixers
+through the kernels.
 """
 
 from __future__ import annotations
@@ -13,9 +16,20 @@ import torch
 from mamba_ft.ops import reference, ssd_reference
 
 
+_MODES = ("auto", "reference", "kernels")
+
+
 def use_fused(t: torch.Tensor) -> bool:
     """True when the fused Triton kernels should run for a tensor on this device."""
-    if not t.is_cuda or os.environ.get("MAMBA_FT_OPS", "auto") == "reference":
+    mode = os.environ.get("MAMBA_FT_OPS", "auto")
+    if mode not in _MODES:
+        raise ValueError(f"MAMBA_FT_OPS={mode!r} is not one of {', '.join(_MODES)}")
+    if mode == "kernels" and not t.is_cuda:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("MAMBA_FT_OPS=kernels on CPU tensors needs Triton's interpreter: "
+                               "start Python with TRITON_INTERPRET=1 set")
+        return True
+    if not t.is_cuda or mode == "reference":
         return False
     from mamba_ft.kernels import available
 
