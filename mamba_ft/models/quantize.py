@@ -587,20 +587,8 @@ def _adopt_transformer(model: nn.Module, config: QuantizeConfig, where: str) -> 
     if kinds != {config.kind}:
         raise UserError(f"{where} holds {', '.join(sorted(k or 'none' for k in kinds)) or 'no quantised'} "
                         f"weights, not {config.kind}; save it again, or quantise a full-precision checkpoint.")
-    first = next(iter(found.values()))[0]
-    double = None if config.kind == "int8" else bool(first.weight.quant_state.nested)
-    dtype = str(dequantized_weight(first).dtype).removeprefix("torch.")
-    report = QuantizationReport(config.kind, double, dtype, source="saved quantised", kept=["norms"],
-                                transformer=True)
     _no_cpu_repacking(model)
-    for leaf, modules in found.items():
-        report.rows[leaf] = [len(modules), sum(m.out_features * m.in_features for m in modules),
-                             sum(m.out_features * m.in_features * dequantized_weight(m).element_size()
-                                 for m in modules),
-                             sum(_quantized_bytes(m) for m in modules)]
-    report.base_bytes = base_weight_bytes(model)
-    object.__setattr__(model, _ATTR, report)
-    return report
+    return _saved_quantised_report(model, config, found, kept=["norms"], transformer=True)
 
 
 def _prequantized_kind(qc: dict, where: str) -> tuple[str, bool | None]:
@@ -662,11 +650,20 @@ def adopt_prequantized(model: nn.Module, config: QuantizeConfig, where: str) -> 
     if kinds != {config.kind}:
         raise UserError(f"{where} holds {', '.join(sorted(k or 'none' for k in kinds))} weights, not "
                         f"{config.kind}; save it again, or quantise a full-precision checkpoint.")
+    return _saved_quantised_report(model, config, found,
+                                   kept=_kept({type(m) for m in all_mixers}, list(found)))
+
+
+def _saved_quantised_report(model: nn.Module, config: QuantizeConfig,
+                            found: dict[str, list[nn.Module]], kept: list[str],
+                            transformer: bool = False) -> QuantizationReport:
+    """The report of a model loaded already quantised: `found` maps each quantised module name
+    to its modules; its format, double quantisation and dtype are read from the first."""
     first = next(iter(found.values()))[0]
     double = None if config.kind == "int8" else bool(first.weight.quant_state.nested)
     dtype = str(dequantized_weight(first).dtype).removeprefix("torch.")
-    report = QuantizationReport(config.kind, double, dtype, source="saved quantised",
-                                kept=_kept({type(m) for m in all_mixers}, list(found)))
+    report = QuantizationReport(config.kind, double, dtype, source="saved quantised", kept=kept,
+                                transformer=transformer)
     for name, modules in found.items():
         report.rows[name] = [len(modules), sum(m.out_features * m.in_features for m in modules),
                              sum(m.out_features * m.in_features * dequantized_weight(m).element_size()
