@@ -73,9 +73,11 @@ Precision: tl.dot takes operands in the inputs' dtype (the fp32 decay-weighted m
 rounded to bf16/fp16 for it, as mamba_ssm does) and accumulates in fp32; fp32 inputs use
 IEEE fp32 dots (not TF32), so the fp32 path matches the reference closely.
 
-Speed (docs/kernels.md, docs/benchmarks.md "Mamba-2 SSD"): the forward's GPU time is level
-with mamba_ssm's Triton SSD. `--sweep` in benchmarks/ssd_speed.py times the knobs below
-(warps, pipelining stages, head splits, sub-block size).
+Speed (docs/kernels.md, docs/benchmarks.md "Mamba-2 SSD"; H100, GPU time): forward+backward
+is level with mamba_ssm's Triton SSD at the training shapes; the backward is slightly faster
+and the forward slower (the sequential state pass, the chunk output kernel). `--sweep` in
+benchmarks/ssd_speed.py times the knobs below (warps, pipelining stages, head splits,
+sub-block size).
 
 Tuning constants (module level, so tests and the benchmark can change them):
 """
