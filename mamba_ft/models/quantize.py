@@ -152,6 +152,19 @@ class QuantizationReport:
     # rows are the Linears' leaf names, which `model.quantize.modules` does not take.
     transformer: bool = False
 
+    @classmethod
+    def fresh(cls, config: "QuantizeConfig", **fields) -> "QuantizationReport":
+        """The report of quantising with `config` now (not of a checkpoint saved quantised)."""
+        return cls(config.kind, None if config.kind == "int8" else
+                   (True if config.double_quant is None else config.double_quant),
+                   config.compute_dtype if config.compute_dtype != "auto" else "float32", **fields)
+
+    def add(self, name: str, params: int, bytes_before: int, bytes_after: int) -> None:
+        """Count one quantised module under `name`."""
+        row = self.rows.setdefault(name, [0, 0, 0, 0])
+        for i, value in enumerate((1, params, bytes_before, bytes_after)):
+            row[i] += value
+
     def record(self) -> dict:
         """What an adapter file keeps so `mamba-ft merge` can rebuild the same base (for a
         Transformer no `modules`: its quantisation has no choice of modules to rebuild)."""
@@ -368,20 +381,13 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, where: str = "this 
     families = {type(m) for m in _quantizable_mixers(model, config, where)}
     emb = _quantizable_embedding(model, config, where) if "embeddings" in config.modules else None
     bnb = _require_bitsandbytes(config.kind, next(model.parameters()).device)
-    report = QuantizationReport(config.kind, None if config.kind == "int8" else
-                                (True if config.double_quant is None else config.double_quant),
-                                config.compute_dtype if config.compute_dtype != "auto" else "float32",
-                                kept=_kept(families, config.modules))
+    report = QuantizationReport.fresh(config, kept=_kept(families, config.modules))
     dtype = config.torch_dtype()
     for name, parent, attr, linear in _targets(model, config.modules):
-        before = linear.weight.numel() * dtype.itemsize
         q = _quantized_linear(bnb, linear, config)
         setattr(parent, attr, q)
-        row = report.rows.setdefault(name, [0, 0, 0, 0])
-        row[0] += 1
-        row[1] += linear.weight.numel()
-        row[2] += before
-        row[3] += _quantized_bytes(q)
+        report.add(name, linear.weight.numel(), linear.weight.numel() * dtype.itemsize,
+                   _quantized_bytes(q))
     if emb is not None:
         report.head = _quantize_embeddings(model, emb, config)
         report.rows["embeddings"] = [1, emb.weight.numel(), emb.weight.numel() * dtype.itemsize,
@@ -437,25 +443,16 @@ def _transformer_skips(model: nn.Module) -> list[str]:
     """The module names transformers' bitsandbytes quantizer leaves unquantised by default
     (`llm_int8_skip_modules` unset): the output head, tied weights, the last parameter's module,
     plus the model's `_keep_in_fp32_modules`."""
-    try:
-        from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.base import get_keys_to_not_convert
 
-        skips = list(get_keys_to_not_convert(model))
-    except (ImportError, AttributeError):  # another transformers: the head, by name
-        head = model.get_output_embeddings()
-        skips = [n for n, m in model.named_modules() if head is not None and m is head]
-    return skips + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return list(get_keys_to_not_convert(model)) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
 
 
 def _transformer_candidates(model: nn.Module, skips: list[str]) -> dict[str, nn.Module]:
     """name -> the Linear (or Conv1D) transformers' rule quantises."""
     from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.quantizers_utils import should_convert_module
 
-    try:
-        from transformers.quantizers.quantizers_utils import should_convert_module
-    except ImportError:
-        def should_convert_module(name, patterns):
-            return not any(name == p or name.startswith(p + ".") or name.endswith(p) for p in patterns)
     return {n: m for n, m in model.named_modules()
             if n and (type(m) is nn.Linear or isinstance(m, Conv1D)) and should_convert_module(n, skips)}
 
@@ -507,8 +504,8 @@ def _materialize(bnb, q: nn.Module, original: nn.Module, config: QuantizeConfig)
 def quantize_transformer(model: nn.Module, config: QuantizeConfig, where: str = "this model") -> QuantizationReport:
     """Quantise a Transformer baseline's Linears with transformers' own bitsandbytes helper
     (`replace_with_bnb_linear`, `BitsAndBytesConfig`), on the already-built model: the modules
-    it would quantise while loading are replaced, then filled with the quantised weights. Falls
-    back to mamba-ft's `_quantized_linear` for the same modules where that helper is missing.
+    it would quantise while loading are replaced, then filled with the quantised weights (the
+    seam tests hold these transformers internals across the supported versions).
     The model is marked `is_loaded_in_4bit` / `is_loaded_in_8bit`, as transformers marks it, so
     PEFT wraps the quantised Linears in its bitsandbytes LoRA layers."""
     _check_transformer_modules(config, where)
@@ -521,25 +518,14 @@ def quantize_transformer(model: nn.Module, config: QuantizeConfig, where: str = 
     _check_cpu_blocks(candidates, config, device, where)
     bnb = _require_bitsandbytes(config.kind, device)
     dtype = config.torch_dtype()
-    try:
-        from transformers.integrations.bitsandbytes import replace_with_bnb_linear
-    except ImportError:
-        replace_with_bnb_linear = None
-    if replace_with_bnb_linear is not None:
-        replace_with_bnb_linear(model, modules_to_not_convert=skips, quantization_config=_bnb_config(config))
-        for name, original in candidates.items():
-            q = model.get_submodule(name)
-            if q is original:  # transformers' rule and ours disagree: leave it as it is
-                continue
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+    replace_with_bnb_linear(model, modules_to_not_convert=skips, quantization_config=_bnb_config(config))
+    for name, original in candidates.items():
+        q = model.get_submodule(name)
+        if q is not original:  # one transformers built: fill it (a module it left stays as it is)
             _materialize(bnb, q, original, config)
-    else:
-        for name, original in candidates.items():
-            if isinstance(original, nn.Linear):
-                model.set_submodule(name, _quantized_linear(bnb, original, config))
-    report = QuantizationReport(config.kind, None if config.kind == "int8" else
-                                (True if config.double_quant is None else config.double_quant),
-                                config.compute_dtype if config.compute_dtype != "auto" else "float32",
-                                transformer=True)
+    report = QuantizationReport.fresh(config, transformer=True)
     left = []
     for name, original in candidates.items():
         q = model.get_submodule(name)
@@ -547,11 +533,8 @@ def quantize_transformer(model: nn.Module, config: QuantizeConfig, where: str = 
         if not is_quantized(q):
             left.append(leaf)
             continue
-        row = report.rows.setdefault(leaf, [0, 0, 0, 0])
-        row[0] += 1
-        row[1] += original.weight.numel()
-        row[2] += original.weight.numel() * dtype.itemsize
-        row[3] += _quantized_bytes(q)
+        report.add(leaf, original.weight.numel(), original.weight.numel() * dtype.itemsize,
+                   _quantized_bytes(q))
     # Linears left in the compute dtype besides the head (`_keep_in_fp32_modules`, tied ones);
     # the report adds the embeddings and the head.
     head = model.get_output_embeddings()

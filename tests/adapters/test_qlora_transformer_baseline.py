@@ -46,6 +46,7 @@ def lora_ids():
     return torch.randint(0, 272, (2, 11), generator=torch.Generator().manual_seed(5))
 
 
+@pytest.mark.seam  # transformers' replace_with_bnb_linear, get_keys_to_not_convert, should_convert_module
 @pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
 def test_decoder_linears_are_quantised_and_equal_dequantised_weight_times_x(kind):
     original = neox(seed=0).model
