@@ -121,8 +121,11 @@ class RunSection(Section):
     overwrite: bool = False
     save_final: bool = True
     merge_at_end: bool = False
-    cuda_graphs: bool = Field(False, description="replay each micro-step as one CUDA graph (one GPU; "
-                                                  "micro-batches padded to data.max_length)")
+    cuda_graphs: bool | Literal["auto"] = Field(
+        "auto", description="replay each micro-step as one CUDA graph (one GPU; micro-batches "
+                            "padded to data.max_length). auto: on where it is known to be safe "
+                            "and to pay (mamba_ft/training/graph_decision.py); true: always, "
+                            "refused where unsupported; false: never")
     chunked_head_loss: bool = Field(False, description="run the output head inside the loss a "
                                                        "chunk of rows at a time, so the (batch, "
                                                        "L, vocab) logits never exist (one "
@@ -130,6 +133,19 @@ class RunSection(Section):
     compile: bool = Field(False, description="torch.compile the model's forward and backward "
                                              "(nn.Module.compile: Dynamo traces mamba-ft's mixers "
                                              "in one graph); not with cuda_graphs or model.quantize")
+
+    @field_validator("cuda_graphs", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, value):
+        # One clear message instead of pydantic's two, one per member of the union.
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError("must be auto, true or false")
+
+    @property
+    def cuda_graphs_forced(self) -> bool:
+        """`cuda_graphs: true`: graphs asked for outright, so every unsupported setting is an error."""
+        return self.cuda_graphs is True
 
     @model_validator(mode="after")
     def _length(self):
@@ -233,7 +249,7 @@ class Recipe(Section):
         try:
             self.precision_policy().check(adapter=self.adapter is not None,
                                           merge_at_end=self.run.merge_at_end,
-                                          cuda_graphs=self.run.cuda_graphs)
+                                          cuda_graphs=self.run.cuda_graphs_forced)
         except UserError as exc:
             raise ValueError(str(exc).rstrip(".")) from None
         return self
@@ -247,7 +263,7 @@ class Recipe(Section):
             raise ValueError(f"model.quantize {quantize.kind} keeps the base weights frozen in "
                              f"{quantize.kind}; add an adapter section (QLoRA), or set "
                              f"model.quantize: none to fine-tune the whole model")
-        if quantize.enabled and self.run.cuda_graphs:
+        if quantize.enabled and self.run.cuda_graphs_forced:
             raise ValueError("run.cuda_graphs is not supported with model.quantize yet; set "
                              "run.cuda_graphs: false")
         return self
@@ -256,7 +272,7 @@ class Recipe(Section):
     def _compile_alone(self):
         # Each combination is refused until it is tested: a CUDA graph would capture compiled
         # code, and bitsandbytes' dequantisation has not been traced.
-        if self.run.compile and self.run.cuda_graphs:
+        if self.run.compile and self.run.cuda_graphs_forced:
             raise ValueError("run.compile and run.cuda_graphs together are not supported; set one "
                              "of them to false")
         if self.run.compile and self.model.quantize.enabled:

@@ -48,6 +48,11 @@ class MambaModelType:
     # so the loss may run the head itself, a chunk of rows at a time (run.chunked_head_loss).
     # False where transformers scales them after the head (Falcon-H1, Granite-4.0-H).
     head_only_logits: bool = True
+    # `run.cuda_graphs: auto` graphs this type's training step: nothing in its forward or
+    # backward waits on the host (tests/training/test_cuda_graph.py captures each such type on a
+    # GPU and compares it with eager training). The hybrids stay off: transformers' MoE routing
+    # picks experts on the host, and their attention paths are untested under capture.
+    graphs_by_default: bool = False
     example_checkpoint: str = ""  # a Hub id of this type, for messages and recipes
 
     def load_class(self, path: str) -> type:
@@ -63,17 +68,17 @@ MODEL_TYPES: dict[str, MambaModelType] = {t.model_type: t for t in (
     MambaModelType("mamba", "Mamba", _T + "mamba.modeling_mamba:MambaMixer", MambaFTMixer,
                    causal_lm_class=_T + "mamba.modeling_mamba:MambaForCausalLM",
                    norm_classes=(_T + "mamba.modeling_mamba:MambaRMSNorm",),
-                   example_checkpoint="state-spaces/mamba-130m-hf"),
+                   graphs_by_default=True, example_checkpoint="state-spaces/mamba-130m-hf"),
     MambaModelType("mamba2", "Mamba-2", _T + "mamba2.modeling_mamba2:Mamba2Mixer",
                    MambaFTMamba2Mixer,
                    causal_lm_class=_T + "mamba2.modeling_mamba2:Mamba2ForCausalLM",
                    norm_classes=(_T + "mamba2.modeling_mamba2:Mamba2RMSNorm",),
-                   example_checkpoint="state-spaces/mamba2-130m"),
+                   graphs_by_default=True, example_checkpoint="state-spaces/mamba2-130m"),
     MambaModelType("falcon_mamba", "FalconMamba",
                    _T + "falcon_mamba.modeling_falcon_mamba:FalconMambaMixer", MambaFTMixer,
                    causal_lm_class=_T + "falcon_mamba.modeling_falcon_mamba:FalconMambaForCausalLM",
                    norm_classes=(_T + "falcon_mamba.modeling_falcon_mamba:FalconMambaRMSNorm",),
-                   example_checkpoint="tiiuae/falcon-mamba-7b"),
+                   graphs_by_default=True, example_checkpoint="tiiuae/falcon-mamba-7b"),
     MambaModelType("jamba", "Jamba", _T + "jamba.modeling_jamba:JambaMambaMixer", MambaFTMixer,
                    hybrid=True, example_checkpoint="ai21labs/AI21-Jamba-Mini-1.7"),
     MambaModelType("bamba", "Bamba", _T + "bamba.modeling_bamba:BambaMixer", MambaFTMamba2Mixer,

@@ -103,7 +103,7 @@ def check_fsdp2_recipe(recipe) -> None:
         raise UserError("run.merge_at_end is not supported with FSDP2; train with it off and merge the "
                         "saved adapter afterwards: mamba-ft merge OUTPUT_DIR/adapter --out MERGED_DIR.")
     recipe.precision_policy().check(adapter=recipe.adapter is not None, merge_at_end=False,
-                                    cuda_graphs=recipe.run.cuda_graphs, fsdp2=True)
+                                    cuda_graphs=recipe.run.cuda_graphs_forced, fsdp2=True)
     if recipe.model.quantize.enabled:
         # FSDP2 shards a block's parameters as one flat dtype; bitsandbytes' packed weights and
         # their quantisation states are not shardable that way.

@@ -23,6 +23,7 @@ class TrainResult:
     plot_path: Path | None = None
     evaluation: dict = field(default_factory=dict)
     already_finished: bool = False  # resumed at its last step: nothing was trained or written
+    cuda_graphs: bool = False  # micro-steps replayed as CUDA graphs (run.cuda_graphs, resolved)
 
     def summary(self) -> str:
         """What `mamba-ft train` prints at the end: what happened and where everything is."""

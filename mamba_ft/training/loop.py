@@ -8,7 +8,7 @@
 3. train: for each optimizer step, this process's micro-batches of the global batch; the loss
    normalised by the target tokens of the whole global batch (all accumulation steps and all
    processes); each micro-step eager, compiled (run.compile) or replayed as a CUDA graph
-   (run.cuda_graphs); clip, step; log, eval, checkpoint.
+   (run.cuda_graphs, decided in setup: graph_decision.py); clip, step; log, eval, checkpoint.
 4. finish: final eval, the adapter (or model) saved, the loss curve, the evaluation hooks.
 
 Data order is a function of (seed, epoch) alone and the position in it a function of the
@@ -27,9 +27,11 @@ import torch
 from mamba_ft import data as data_lib
 from mamba_ft import precision
 from mamba_ft.errors import UserError
+from mamba_ft.models import mixers
 from mamba_ft.recipe import Recipe, load_recipe
 from mamba_ft.training import checkpoints, distributed, finish, metrics, run_dir, setup, step
 from mamba_ft.training.finish import TrainResult
+from mamba_ft.training.graph_decision import decide_cuda_graphs
 from mamba_ft.training import schedule as schedule_lib
 
 
@@ -84,6 +86,13 @@ class TrainingRun:
         model, tokenizer, self.adapter_report = setup.build_model(recipe, model, tokenizer, train_dataset)
         self.tokenizer = tokenizer
         self.full_shapes = distributed.full_shapes(model)  # to check what is saved from shards
+        self.graphs = decide_cuda_graphs(
+            recipe, device=accelerator.device, num_processes=accelerator.num_processes,
+            sharded=self.fsdp2 is not None, has_mixers=bool(mixers(model)),
+            model_type=getattr(getattr(model, "config", None), "model_type", None),
+            data_passed_in=train_dataset is not None)
+        if accelerator.is_main_process:
+            print(self.graphs.line())
         if self.fsdp2 is not None:
             model = distributed.shard_model(model, self.fsdp2, accelerator.device)
         if run.compile:
@@ -136,7 +145,8 @@ class TrainingRun:
         # fp16 step does not advance it, so its position is the number of applied steps.
         self.scheduler = schedule_lib.build(self.optimizer, recipe, self.total_steps,
                                             position=self.step - self.skipped.count)
-        run_dir.claim_output_dir(recipe, self.out, self.resume_from, accelerator)
+        run_dir.claim_output_dir(recipe, self.out, self.resume_from, accelerator,
+                                 resolved=(self.graphs.line(),))
         self.metrics = metrics.Metrics(self.out / "metrics.jsonl", accelerator, keep_through=self.step,
                                        fresh=self.resume_from is None)
         if self.trackers:
@@ -150,7 +160,7 @@ class TrainingRun:
         progress = metrics.progress(recipe.logging, self.total_steps, self.step, accelerator)
         checked_adapter_grads = self.adapter_report is None or self.resume_from is not None
         graphed, batch_length = None, None
-        if run.cuda_graphs:
+        if self.graphs.on:
             from mamba_ft.training.cuda_graph import GraphedMicroStep
 
             # Replayed micro-steps have fixed shapes: every micro-batch is padded to max_length.
@@ -237,7 +247,7 @@ class TrainingRun:
         return TrainResult(output_dir=self.out, steps=self.step, step_losses=self.step_losses,
                            initial_eval_loss=self.metrics.first_eval(), skipped_steps=self.skipped.count,
                            saved_to=outputs[0] if outputs else None, metrics_path=self.metrics.path,
-                           already_finished=True)
+                           already_finished=True, cuda_graphs=self.graphs.on)
 
     def say_how_to_resume(self) -> None:
         if self.accelerator.is_main_process:
@@ -248,7 +258,8 @@ class TrainingRun:
         recipe, run, accelerator = self.recipe, self.recipe.run, self.accelerator
         result = TrainResult(output_dir=self.out, steps=self.step, step_losses=self.step_losses,
                              initial_eval_loss=self.initial_eval, final_eval_loss=self.evaluate(),
-                             skipped_steps=self.skipped.count, metrics_path=self.metrics.path)
+                             skipped_steps=self.skipped.count, metrics_path=self.metrics.path,
+                             cuda_graphs=self.graphs.on)
         # keep_fp32_wrapper=False: hand back a plain module, without the autocast wrapper on forward.
         unwrapped = accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
         # Under FSDP2 every process gathers the full parameters, so the main process saves and

@@ -73,8 +73,13 @@ def check_output_dir(recipe: Recipe, out: Path) -> Path | None:
     return resume_from
 
 
-def claim_output_dir(recipe: Recipe, out: Path, resume_from: Path | None, accelerator) -> None:
-    """Write the resolved recipe; with run.overwrite, first remove the previous run's files."""
+def claim_output_dir(recipe: Recipe, out: Path, resume_from: Path | None, accelerator,
+                     resolved: tuple[str, ...] = ()) -> None:
+    """Write the resolved recipe; with run.overwrite, first remove the previous run's files.
+
+    `resolved`: what this launch made of the recipe's `auto` values (e.g. `run.cuda_graphs:
+    auto -> on (...)`), written as comments above it, so the recipe itself keeps the user's
+    values and reads back unchanged."""
     accelerator.wait_for_everyone()  # every process has looked before the main one writes
     if accelerator.is_main_process:
         saved = out / "recipe.yaml"
@@ -87,7 +92,7 @@ def claim_output_dir(recipe: Recipe, out: Path, resume_from: Path | None, accele
                 elif path.exists():
                     path.unlink()
         out.mkdir(parents=True, exist_ok=True)
-        saved.write_text(recipe.to_yaml())
+        saved.write_text("".join(f"# {line}\n" for line in resolved) + recipe.to_yaml())
     accelerator.wait_for_everyone()
 
 

@@ -22,7 +22,7 @@ def build_accelerator(recipe: Recipe, trackers: list[str], fsdp2):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy = recipe.precision_policy()
     policy.check(adapter=recipe.adapter is not None, merge_at_end=recipe.run.merge_at_end,
-                 cuda_graphs=recipe.run.cuda_graphs, device=device, fsdp2=fsdp2 is not None)
+                 cuda_graphs=recipe.run.cuda_graphs_forced, device=device, fsdp2=fsdp2 is not None)
     # Accelerate keeps its settings in process-wide singletons; a second train() call in the
     # same process (tests, sweeps) may ask for another precision, so start them afresh. The
     # process group (PartialState) is kept.
@@ -139,7 +139,9 @@ def check_distributed(accelerator) -> None:
 
 
 def check_cuda_graphs(recipe: Recipe, accelerator) -> None:
-    if not recipe.run.cuda_graphs:
+    """Refuse `run.cuda_graphs: true` where it cannot run (`auto` resolves to off there instead:
+    graph_decision.py)."""
+    if not recipe.run.cuda_graphs_forced:
         return
     if accelerator.device.type != "cuda":
         raise UserError("run.cuda_graphs needs a CUDA GPU and this run is on the CPU; set "
@@ -160,7 +162,7 @@ def check_chunked_head_loss(recipe: Recipe, accelerator, fsdp2) -> None:
     if accelerator.num_processes > 1 or fsdp2 is not None:
         raise UserError(f"run.chunked_head_loss runs in one process and this launch has "
                         f"{accelerator.num_processes}; set run.chunked_head_loss: false.")
-    if run.cuda_graphs:
+    if run.cuda_graphs_forced:
         raise UserError("run.chunked_head_loss does not run with run.cuda_graphs yet; set one of "
                         "them to false.")
 

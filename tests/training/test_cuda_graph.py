@@ -1,14 +1,17 @@
 """run.cuda_graphs: the graphed micro-step (mamba_ft.training.cuda_graph) trains exactly like the eager one.
 
-On the CPU: the recipe and launch checks, and fixed-length batches. On a GPU (`-m gpu`): a
-tiny Mamba trained with the micro-step replayed as a CUDA graph against the same model
-trained eagerly, through the training loop and through `GraphedMicroStep` directly; a
-graphed run resumed from a checkpoint; the Transformer baseline graphed against eager.
+On the CPU: the recipe and launch checks, what `auto` decides for each condition
+(mamba_ft.training.graph_decision), a default run on the CPU, and fixed-length batches. On a
+GPU (`-m gpu`): a tiny Mamba trained with the micro-step replayed as a CUDA graph against the
+same model trained eagerly, through the training loop and through `GraphedMicroStep`
+directly; every model type `auto` graphs, graphed by default against eager; a graphed run
+resumed from a checkpoint; the Transformer baseline graphed against eager.
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +22,22 @@ import mamba_ft.training.step as step_mod
 from mamba_ft.training import run_dir
 from mamba_ft import data as data_lib
 from mamba_ft.errors import UserError
-from mamba_ft.recipe import validate_recipe
+from mamba_ft.models.model_types import MODEL_TYPES
+from mamba_ft.recipe import load_recipe, validate_recipe
+from mamba_ft.training.graph_decision import decide_cuda_graphs
 
+REPO = Path(__file__).resolve().parents[2]
 TINY_MAMBA = {"model_type": "mamba", "vocab_size": 272, "hidden_size": 32, "state_size": 8,
               "num_hidden_layers": 2, "expand": 2, "conv_kernel": 4}
+# A tiny model of every type `run.cuda_graphs: auto` graphs (graphs_by_default in model_types.py).
+TINY_GRAPHED = {
+    "mamba": TINY_MAMBA,
+    "falcon_mamba": {**TINY_MAMBA, "model_type": "falcon_mamba"},
+    "mamba2": {"model_type": "mamba2", "vocab_size": 272, "hidden_size": 32, "num_heads": 8,
+               "head_dim": 8, "n_groups": 2, "state_size": 8, "chunk_size": 16, "expand": 2,
+               "conv_kernel": 4, "num_hidden_layers": 2},
+}
+GRAPHED_BY_DEFAULT = [t for t, entry in MODEL_TYPES.items() if entry.graphs_by_default]
 
 
 def recipe_dict(out, *, cuda_graphs, mode="bf16", adapter=None, packing=False):
@@ -62,6 +77,105 @@ def test_multi_process_launch_is_refused(tmp_path):
     with pytest.raises(UserError, match="runs on one GPU and this launch has 2 processes"):
         setup_mod.check_cuda_graphs(recipe, two_gpus)
     setup_mod.check_cuda_graphs(recipe, SimpleNamespace(device=torch.device("cuda", 0), num_processes=1))
+
+
+def test_recipe_takes_auto_true_false_and_refuses_anything_else(tmp_path):
+    recipe = REPO / "recipes" / "quickstart.yaml"
+    out = f"run.output_dir={tmp_path}"
+    assert load_recipe(recipe, [out]).run.cuda_graphs == "auto"  # the default
+    for value, read in (("auto", "auto"), ("true", True), ("false", False)):
+        loaded = load_recipe(recipe, [out, f"run.cuda_graphs={value}"])
+        assert loaded.run.cuda_graphs == read
+        assert f"cuda_graphs: {value}\n" in loaded.to_yaml()  # what `mamba-ft validate` prints
+    for junk in ("maybe", "1"):
+        with pytest.raises(UserError, match=r"'run.cuda_graphs' in .*: must be auto, true or false "
+                                            rf"\(got '?{junk}'?\)"):
+            load_recipe(recipe, [out, f"run.cuda_graphs={junk}"])
+    # `auto` is no request for graphs: what `true` refuses stays valid with it.
+    load_recipe(recipe, [out, "run.compile=true"])
+    load_recipe(recipe, [out, "model.quantize=nf4"])
+    load_recipe(recipe, [out, "precision.mode=fp16"])
+
+
+def _decide(recipe, *, device="cuda", num_processes=1, sharded=False, model_type="mamba",
+            has_mixers=True, data_passed_in=False):
+    return decide_cuda_graphs(recipe, device=torch.device(device), num_processes=num_processes,
+                              sharded=sharded, model_type=model_type, has_mixers=has_mixers,
+                              data_passed_in=data_passed_in)
+
+
+def _graphable(tmp_path, **changes):
+    """A recipe `auto` graphs on one GPU: packed bf16 rows, LoRA, nothing graphs cannot take."""
+    d = recipe_dict(tmp_path, cuda_graphs="auto", adapter={"targets": ["all"], "rank": 4}, packing=True)
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        d[section][key] = value
+    return d
+
+
+@pytest.mark.parametrize("model_type", GRAPHED_BY_DEFAULT)
+def test_auto_is_on_for_one_cuda_process_of_a_graphed_type(tmp_path, model_type):
+    decision = _decide(validate_recipe(_graphable(tmp_path)), model_type=model_type)
+    assert decision.on
+    assert decision.line() == (f"run.cuda_graphs: auto -> on (one CUDA process, a "
+                               f"{MODEL_TYPES[model_type].name} model, packed rows of data.max_length tokens)")
+
+
+@pytest.mark.parametrize("recipe_changes,launch,reason,refused_with_true", [
+    ({}, {"device": "cpu"}, "no CUDA GPU (this run is on the cpu)", "needs a CUDA GPU"),
+    ({}, {"num_processes": 2}, "2 processes", "runs on one GPU"),
+    ({}, {"sharded": True}, "FSDP2 shards the model", None),
+    ({"precision__mode": "fp16"}, {}, "precision.mode fp16", "does not run with precision.mode fp16"),
+    ({"run__compile": True}, {}, "run.compile is set", "run.compile and run.cuda_graphs"),
+    ({"model__quantize": "nf4"}, {}, "model.quantize nf4 is set", "not supported with model.quantize"),
+    ({"run__chunked_head_loss": True}, {}, "run.chunked_head_loss is set", "does not run with run.cuda_graphs"),
+    ({"model__checkpoint_blocks": True}, {}, "model.checkpoint_blocks is set", None),
+    ({}, {"model_type": "gpt_neox", "has_mixers": False}, "a Transformer ('gpt_neox')", None),
+    ({}, {"model_type": "jamba"}, "a 'jamba' model: graphs are on by default only for mamba", None),
+    ({}, {"data_passed_in": True}, "training data was passed in tokenized", None),
+    ({"data__packing": False}, {}, "data.packing is false", None),
+], ids=["cpu", "two-processes", "fsdp2", "fp16", "compile", "quantize", "chunked-head", "checkpoint-blocks",
+        "transformer", "hybrid", "data-passed-in", "unpacked"])
+def test_auto_is_off_with_the_reason(tmp_path, recipe_changes, launch, reason, refused_with_true):
+    """Each condition alone turns `auto` off, and the line says which. Where `true` is refused,
+    the same setting is checked to be refused: auto never turns on what true cannot run."""
+    decision = _decide(validate_recipe(_graphable(tmp_path, **recipe_changes)), **launch)
+    assert not decision.on
+    assert decision.line().startswith("run.cuda_graphs: auto -> off: ") and reason in decision.line()
+    if refused_with_true is not None:
+        from types import SimpleNamespace
+
+        launched = {"device": "cuda", "num_processes": 1, **launch}
+        accelerator = SimpleNamespace(device=torch.device(launched["device"]),
+                                      num_processes=launched["num_processes"])
+        with pytest.raises(UserError, match=refused_with_true):
+            forced = validate_recipe(_graphable(tmp_path, **recipe_changes, run__cuda_graphs=True))
+            setup_mod.check_cuda_graphs(forced, accelerator)
+            setup_mod.check_chunked_head_loss(forced, accelerator, None)
+
+
+def test_true_and_false_are_taken_as_given(tmp_path):
+    """The refusals of `true` are the recipe's and setup's; the decision only reports it."""
+    forced = _decide(validate_recipe(_graphable(tmp_path, run__cuda_graphs=True)), model_type="gpt_neox",
+                     has_mixers=False)
+    assert forced.on and forced.line() == "run.cuda_graphs: true -> on (set in the recipe)"
+    off = _decide(validate_recipe(_graphable(tmp_path, run__cuda_graphs=False)))
+    assert not off.on and off.line() == "run.cuda_graphs: false -> off: set in the recipe"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the default's decision on a machine without a GPU")
+def test_default_run_on_the_cpu_says_graphs_are_off_and_trains(tmp_path, capsys):
+    d = recipe_dict(tmp_path / "run", cuda_graphs=None, mode="fp32", packing=True)
+    del d["run"]["cuda_graphs"]
+    result = train_mod.train(validate_recipe(d))
+    line = "run.cuda_graphs: auto -> off: no CUDA GPU (this run is on the cpu)"
+    assert capsys.readouterr().out.count(line) == 1
+    assert not result.cuda_graphs
+    assert result.steps == 6 and result.final_eval_loss < result.initial_eval_loss
+    # The saved recipe keeps the user's `auto`; what this launch made of it is a comment above.
+    saved = (tmp_path / "run" / "recipe.yaml").read_text()
+    assert saved.startswith(f"# {line}\n")
+    assert validate_recipe(__import__("yaml").safe_load(saved)).run.cuda_graphs == "auto"
 
 
 def test_fixed_length_batches_pad_and_refuse_longer_rows():
@@ -241,6 +355,24 @@ def test_graphed_run_resumes_like_an_uninterrupted_one(tmp_path):
     resumed = train_mod.train(recipe(tmp_path / "cut", 6))
     assert len(resumed.step_losses) == 6
     torch.testing.assert_close(torch.tensor(resumed.step_losses), torch.tensor(whole.step_losses),
+                               rtol=1e-3, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", GRAPHED_BY_DEFAULT)
+def test_auto_graphs_each_type_it_turns_on_for_like_eager(tmp_path, capsys, model_type):
+    """What `graphs_by_default` promises: with the default `auto`, one GPU and packed rows, the
+    step of this type is captured, and trains like eager (rtol 1e-3 under bf16, as above)."""
+    def run(out, graphs):
+        d = recipe_dict(out, cuda_graphs=graphs, adapter={"targets": ["all"], "rank": 4}, packing=True)
+        d["model"]["source"] = dict(TINY_GRAPHED[model_type])
+        return train_mod.train(validate_recipe(d))
+
+    eager = run(tmp_path / "eager", False)
+    graphed = run(tmp_path / "auto", "auto")
+    assert graphed.cuda_graphs and not eager.cuda_graphs
+    assert "run.cuda_graphs: auto -> on (one CUDA process" in capsys.readouterr().out
+    torch.testing.assert_close(torch.tensor(graphed.step_losses), torch.tensor(eager.step_losses),
                                rtol=1e-3, atol=0)
 
 
