@@ -271,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype the weights are loaded in")
     p.add_argument("--no-stream", action="store_true", help="print the text once it is complete")
+    p.add_argument("--eager", action="store_true",
+                   help="run each decoding step eagerly instead of replaying it as a CUDA graph")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("stability", help="how far bf16 / fp16 move a model's outputs, and how its "

@@ -1,5 +1,10 @@
-"""`mamba-ft generate`: text from a model or a fine-tuned adapter, through transformers'
-`generate` on the model with mamba-ft's mixers (its cached one-token steps), streamed.
+"""`mamba-ft generate`: text from a model or a fine-tuned adapter, streamed.
+
+Pure Mamba models decode with `mamba_ft.decoding.Decoder`, whose one-token step is replayed as
+a CUDA graph on a GPU (`--eager` runs it step by step); hybrids, and models whose generation
+config asks for more than sampling, through transformers' `generate`. Both give the tokens
+`generate` gives. An adapter is folded into the base weights in fp32 before they are cast to
+`--dtype`, so each token reads each weight once.
 
 Every option is checked before the model loads, and an option that would have no effect (a
 sampling knob without --sample) is an error rather than ignored.
@@ -12,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from mamba_ft.decoding import Decoder, decodes_like_generate, token_chooser
 from mamba_ft.errors import UserError
 
 
@@ -65,16 +71,23 @@ def load_for_generation(source: str, adapter: str | None = None, dtype: torch.dt
     if adapter is not None and not Path(adapter).is_dir():
         raise UserError(f"The adapter directory {adapter!r} does not exist; give the directory a "
                         f"training run saved its adapter to (OUTPUT_DIR/adapter).")
-    loaded = load_model(source, allow_transformers=True, dtype=dtype)
+    from mamba_ft.adapters import merge_adapters
+
+    loaded = load_model(source, allow_transformers=True,
+                        dtype=torch.float32 if adapter is not None else dtype)
+    model = loaded.model
     if adapter is not None:
-        load_adapters(loaded.model, adapter)
+        load_adapters(model, adapter)
+        model = merge_adapters(model).to(dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return loaded.model.to(device).eval(), loaded.tokenizer
+    return model.to(device).eval(), loaded.tokenizer
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt: str, sampling: Sampling, stream: bool = False) -> str:
-    """The text generated after `prompt` (the prompt itself not included)."""
+def generate(model, tokenizer, prompt: str, sampling: Sampling, stream: bool = False,
+             cuda_graph: bool = True) -> str:
+    """The text generated after `prompt` (the prompt itself not included). `cuda_graph`:
+    replay a pure Mamba model's one-token step as a CUDA graph when it is on a GPU."""
     if not prompt.strip():
         raise UserError("The prompt is empty; give --prompt TEXT or a --prompt-file with text in it.")
     sampling.check()
@@ -88,7 +101,17 @@ def generate(model, tokenizer, prompt: str, sampling: Sampling, stream: bool = F
 
         streamer = TextStreamer(tokenizer, skip_prompt=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = model.generate(**inputs, **sampling.generate_kwargs(), pad_token_id=pad, streamer=streamer)
+    if decodes_like_generate(model):
+        decoder = Decoder(model, cuda_graph=cuda_graph and device.type == "cuda")
+        choose = token_chooser(model, sampling.sample, sampling.temperature, sampling.top_k,
+                               sampling.top_p)
+        out = decoder.generate(inputs["input_ids"], sampling.max_new_tokens, choose,
+                               attention_mask=inputs.get("attention_mask"),
+                               eos_token_id=model.generation_config.eos_token_id,
+                               pad_token_id=pad, streamer=streamer)
+    else:
+        out = model.generate(**inputs, **sampling.generate_kwargs(), pad_token_id=pad,
+                             streamer=streamer)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -110,7 +133,8 @@ def main_from_cli(args) -> str:
         raise UserError("The prompt is empty; give --prompt TEXT or a --prompt-file with text in it.")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     model, tokenizer = load_for_generation(args.model, args.adapter, dtype, args.device)
-    text = generate(model, tokenizer, prompt, sampling, stream=not args.no_stream)
+    text = generate(model, tokenizer, prompt, sampling, stream=not args.no_stream,
+                    cuda_graph=not args.eager)
     if args.no_stream:
         print(text)
     return text
