@@ -11,7 +11,8 @@ GPU waits for launches and the step is host-bound.
 
 A run is model:mode:batch[:ops], ops as in train_throughput.py's table (default "fused"), or
 qlora:shape:base:batch[:recompute] for a row of benchmarks/qlora_throughput.py (its shapes,
-bases and recompute options, default none).
+bases and recompute options, default none), or decode:model:batch for one decoding step of
+benchmarks/decode.py's mamba-ft model, run eagerly (the kernels its CUDA graph replays).
 
 Writes profile_step.json and profile_step.md under --out.
 """
@@ -69,6 +70,26 @@ def qlora_step(shape, base, batch, recompute, L):
     return q.make_step(model, batch, L, q.MODELS[shape]["vocab_size"], device, opt, [])
 
 
+def decode_step(name, batch):
+    """One eager one-token step of benchmarks/decode.py's mamba-ft model (bf16 weights) after a
+    64-token prefill: the kernels a replayed CUDA-graph step runs, one launch each."""
+    import decode
+    from mamba_ft.decoding import Decoder, output_cache
+
+    model = decode.build(name, "mamba-ft, eager")
+    decoder = Decoder(model, cuda_graph=False)
+    ids = torch.randint(0, 50000, (batch, decode.PROMPT), device="cuda")
+    with torch.no_grad():
+        cache = output_cache(model(input_ids=ids, use_cache=True))
+    token = ids[:, -1:].clone()
+
+    @torch.no_grad()
+    def step():
+        decoder._forward(token, cache)
+
+    return step
+
+
 def profile_run(step, L, steps, **labels):
     wall_ms = wall_seconds_per_call(step, steps) * 1e3
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -113,7 +134,11 @@ def main():
     lines = [f"{device_and_versions(info)}; {info['date']}; bf16 autocast, AdamW, L={args.L}, "
              "random init.", ""]
     for spec in runs:
-        if spec.startswith("qlora:"):
+        if spec.startswith("decode:"):
+            _, model, batch = spec.split(":")
+            mode, ops = "decode", "one eager token step"
+            step = decode_step(model, int(batch))
+        elif spec.startswith("qlora:"):
             _, model, base, batch, *recompute = spec.split(":")
             mode, ops = "lora", f"{base}, recompute {recompute[0] if recompute else 'none'}"
             step = qlora_step(model, base, int(batch), recompute[0] if recompute else "none", args.L)

@@ -126,7 +126,7 @@ def make_step(name, mode, path, batch, L):
     ops, *options = path.split("+")
     if ops == "transformers":
         return transformers_baselines.make_step(name, mode, batch, L, _bf16_accelerator(),
-                                                _SSD_CALLS)
+                                                _SSD_CALLS, checkpointing="blocks" in options)
     os.environ["MAMBA_FT_OPS"] = ops if ops == "reference" else "auto"
     with torch.device("cuda"):  # random init on the GPU: seconds, where the CPU takes a minute
         model = build(name).train()

@@ -33,9 +33,11 @@ VOCAB_MAMBA = 50280
 
 def pythia_config(name: str) -> dict:
     hidden, layers, heads = {"pythia-160m": (768, 12, 12), "pythia-1.4b": (2048, 24, 16)}[name]
+    # Positions past Pythia's trained 2,048 are only for the long-context speed rows: rotary
+    # embeddings are computed for any position.
     return dict(model_type="gpt_neox", vocab_size=50304, hidden_size=hidden,
                 num_hidden_layers=layers, num_attention_heads=heads,
-                intermediate_size=4 * hidden, rotary_pct=0.25, max_position_embeddings=2048,
+                intermediate_size=4 * hidden, rotary_pct=0.25, max_position_embeddings=2**18,
                 use_parallel_residual=True, tie_word_embeddings=False, use_cache=False)
 
 
@@ -116,10 +118,14 @@ def build(name: str) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(cfg, **kwargs)
 
 
-def make_step(name: str, mode: str, batch: int, L: int, accelerator, ssd_calls: dict | None):
-    """(step, trainable, losses) for a baseline row, as train_throughput.make_step."""
+def make_step(name: str, mode: str, batch: int, L: int, accelerator, ssd_calls: dict | None,
+              checkpointing: bool = False):
+    """(step, trainable, losses) for a baseline row, as train_throughput.make_step;
+    `checkpointing`: transformers' gradient checkpointing of every layer."""
     with torch.device("cuda"):
         model = build(name).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
