@@ -157,14 +157,27 @@ def causal_conv1d_step(x, conv_state, weight, bias=None, activation="silu"):
     return y, new_state
 
 
+def _new_state_buffer(out, shape, device):
+    """Where the kernel writes the new state: `out` itself when the kernel can (fp32,
+    contiguous; a program reads its tile of the old state before writing it, so `out` may be
+    the old state), else a fresh tensor copied into `out` afterwards."""
+    if out is not None and out.dtype == torch.float32 and out.is_contiguous():
+        return out
+    return torch.empty(shape, device=device, dtype=torch.float32)
+
+
+def _into(out, new_state):
+    return new_state if out is None or out is new_state else out.copy_(new_state)
+
+
 def selective_state_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                         delta_softplus=False):
+                         delta_softplus=False, out=None):
     """Drop-in for `mamba_ft.ops.reference.selective_state_step` (no gradient)."""
     batch, d = u.shape
     N = A.shape[1]
     A = A.float().contiguous()
     y = torch.empty((batch, d), device=u.device, dtype=u.dtype)
-    new_state = torch.empty((batch, d, N), device=u.device, dtype=torch.float32)
+    new_state = _new_state_buffer(out, (batch, d, N), u.device)
     dummy = A
     _state_step_kernel[(triton.cdiv(d, _BLOCK_D), batch)](
         state, u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
@@ -174,17 +187,17 @@ def selective_state_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=No
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), BLOCK_D=_BLOCK_D, BLOCK_N=triton.next_power_of_2(N),
     )
-    return y, new_state
+    return y, _into(out, new_state)
 
 
 def ssd_state_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                   dt_limit=(0.0, float("inf"))):
+                   dt_limit=(0.0, float("inf")), out=None):
     """Drop-in for `mamba_ft.ops.ssd_reference.ssd_state_step` (no gradient)."""
     batch, heads, P = x.shape
     groups, N = B.shape[1], B.shape[2]
     A = A.float().contiguous()
     y = torch.empty((batch, heads, P), device=x.device, dtype=x.dtype)
-    new_state = torch.empty((batch, heads, P, N), device=x.device, dtype=torch.float32)
+    new_state = _new_state_buffer(out, (batch, heads, P, N), x.device)
     # D is (heads,) or (heads, head_dim): a head_dim stride of 0 reads the one value per head.
     D_strides = (0, 0) if D is None else (D.stride(0), D.stride(1) if D.dim() == 2 else 0)
     has_limit = tuple(dt_limit) != (0.0, float("inf"))
@@ -201,4 +214,4 @@ def ssd_state_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
         SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit, BLOCK_P=block_p,
         BLOCK_N=triton.next_power_of_2(N),
     )
-    return y, new_state
+    return y, _into(out, new_state)

@@ -147,13 +147,10 @@ class MambaFTMamba2Mixer(nn.Module):
         batch, seq_len, _ = hidden_states.shape
         dtype = hidden_states.dtype
 
-        conv_state = ssm_state = None
+        conv_window = ssm_state = None
         if cache is not None:
-            conv_state = cache.get_conv_state(self.layer_idx)
+            conv_window = cache.get_conv_state(self.layer_idx)  # the last `width` conv inputs
             ssm_state = cache.get_recurrent_state(self.layer_idx)
-            # The cache keeps the last `width` conv inputs and updates them in place below;
-            # keep the width - 1 this call starts from.
-            conv_state = None if conv_state is None else conv_state[..., 1:].clone()
 
         hidden_states = _mask_padding(hidden_states, attention_mask)
         if self.input_multiplier != 1.0:
@@ -166,11 +163,14 @@ class MambaFTMamba2Mixer(nn.Module):
             [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         A = -torch.exp(w.A_log.float())
 
-        if (conv_state is not None and ssm_state is not None and seq_len == 1
+        if (conv_window is not None and ssm_state is not None and seq_len == 1
                 and self.document_starts is None):
-            y = self._decode_step(xBC[:, 0], dt[:, 0], w, A, conv_state, ssm_state, cache,
+            y = self._decode_step(xBC[:, 0], dt[:, 0], w, A, conv_window, ssm_state, cache,
                                   attention_mask)
         else:
+            # The cache updates its window in place below; keep the width - 1 inputs this call
+            # starts from.
+            conv_state = None if conv_window is None else conv_window[..., 1:].clone()
             # The conv takes (batch, channels, L) and reads it through strides: a transposed
             # view of the rows, so the conv's input, output and gradients all stay in the
             # rows' layout (contiguous along channels), which is also the layout the SSD reads
@@ -224,14 +224,17 @@ class MambaFTMamba2Mixer(nn.Module):
             cache.update_recurrent_state(last_state, self.layer_idx)
         return result.reshape(batch, seq_len, self.intermediate_size)
 
-    def _decode_step(self, xBC, dt, w: Mamba2MixerWeights, A, conv_state, ssm_state, cache,
+    def _decode_step(self, xBC, dt, w: Mamba2MixerWeights, A, conv_window, ssm_state, cache,
                      attention_mask):
-        """One token with the cache: conv window and SSD state advance by one."""
+        """One token with the cache: conv window and SSD state advance by one. The conv reads
+        the window before the cache shifts it, and the new state is written into the cache's
+        own tensor where it can be: no copies (a CUDA-graph step replays each one)."""
+        x_conv, _ = ops.causal_conv1d_step(xBC, conv_window[..., 1:], w.conv_weight, w.conv_bias)
         cache.update_conv_state(xBC.unsqueeze(-1), self.layer_idx)
-        xBC, _ = ops.causal_conv1d_step(xBC, conv_state, w.conv_weight, w.conv_bias)
-        xBC = _mask_padding(xBC.unsqueeze(1), attention_mask)[:, 0]
+        xBC = _mask_padding(x_conv.unsqueeze(1), attention_mask)[:, 0]
         x, B, C = self._split_heads(xBC)
         y, new_state = ops.ssd_state_step(ssm_state, x, dt, A, B, C, D=w.D, dt_bias=w.dt_bias,
-                                          dt_softplus=True, dt_limit=self.time_step_limit)
-        cache.update_recurrent_state(new_state, self.layer_idx)
+                                          dt_softplus=True, dt_limit=self.time_step_limit,
+                                          out=ssm_state)
+        cache.update_recurrent_state(new_state, self.layer_idx)  # itself: no copy
         return y.reshape(xBC.shape[0], 1, self.intermediate_size)

@@ -186,12 +186,10 @@ class MambaFTMixer(nn.Module):
         w = self.mixer_weights()
         seq_len = hidden_states.shape[1]
 
-        conv_state = ssm_state = None
+        conv_window = ssm_state = None
         if cache_params is not None:
-            conv_state = cache_params.get_conv_state(self.layer_idx)
+            conv_window = cache_params.get_conv_state(self.layer_idx)  # the last `width` inputs
             ssm_state = cache_params.get_recurrent_state(self.layer_idx)
-            # The cache updates these tensors in place below; keep what this step starts from.
-            conv_state = None if conv_state is None else conv_state[..., 1:].clone()
 
         hidden_states = _mask_padding(hidden_states, attention_mask, time_dim=1)
         xz = rows_to_channels_first(hidden_states, w.in_proj_weight, w.in_proj_bias,
@@ -199,10 +197,13 @@ class MambaFTMixer(nn.Module):
         x, z = self._split_xz(xz)  # (batch, d_inner, L) each, time-contiguous
         A = -torch.exp(w.A_log.float())
 
-        if conv_state is not None and ssm_state is not None and seq_len == 1:
-            y = self._decode_step(x[..., 0], z[..., 0], w, A, conv_state, ssm_state, cache_params)
+        if conv_window is not None and ssm_state is not None and seq_len == 1:
+            y = self._decode_step(x[..., 0], z[..., 0], w, A, conv_window, ssm_state, cache_params)
             return channels_first_to_rows(y.unsqueeze(2), w.out_proj_weight, w.out_proj_bias,
                                           w.out_proj_lora)
+        # The cache updates its window in place below; keep the width - 1 inputs this call
+        # starts from.
+        conv_state = None if conv_window is None else conv_window[..., 1:].clone()
         if cache_params is not None:
             # Stores the last `width` inputs for the next step (transformers' layout).
             cache_params.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
@@ -262,22 +263,25 @@ class MambaFTMixer(nn.Module):
         return tuple(norm(t.movedim(dim, -1)).movedim(-1, dim) for norm, t in
                      ((self.dt_layernorm, dt), (self.b_layernorm, B), (self.c_layernorm, C)))
 
-    def _decode_step(self, x, z, w: MixerWeights, A, conv_state, ssm_state, cache_params):
-        """One token with the cache: conv window and recurrent state advance by one."""
+    def _decode_step(self, x, z, w: MixerWeights, A, conv_window, ssm_state, cache_params):
+        """One token with the cache: conv window and recurrent state advance by one. The conv
+        reads the window before the cache shifts it, and the new state is written into the
+        cache's own tensor where it can be: no copies (a CUDA-graph step replays each one)."""
+        x_conv, _ = ops.causal_conv1d_step(x, conv_window[..., 1:], w.conv_weight, w.conv_bias)
         cache_params.update_conv_state(x.unsqueeze(-1), self.layer_idx)
-        x, _ = ops.causal_conv1d_step(x, conv_state, w.conv_weight, w.conv_bias)
-        y, new_state = self._selective_step(x, z, w, A, ssm_state)
-        cache_params.update_recurrent_state(new_state, self.layer_idx)
+        y, new_state = self._selective_step(x_conv, z, w, A, ssm_state, out=ssm_state)
+        cache_params.update_recurrent_state(new_state, self.layer_idx)  # itself: no copy
         return y
 
-    def _selective_step(self, x, z, w: MixerWeights, A, ssm_state):
+    def _selective_step(self, x, z, w: MixerWeights, A, ssm_state, out=None):
         """`_selective_ssm` for one token: x, z (batch, d), state (batch, d, N) -> (y, new
-        state)."""
+        state), the new state written into `out` if given. D and the dt bias are read in
+        fp32 by the step itself."""
         R, N = self.time_step_rank, self.ssm_state_size
         dt, B, C = torch.split(F.linear(x, w.x_proj_weight), [R, N, N], dim=-1)
         dt, B, C = self._normalize_dt_B_C(dt, B, C, dim=-1)
         delta = F.linear(dt, w.dt_proj_weight)
         return ops.selective_state_step(
-            ssm_state, x, delta, A, B, C, D=w.D.float(), z=z, delta_bias=w.dt_bias.float(),
-            delta_softplus=True,
+            ssm_state, x, delta, A, B, C, D=w.D, z=z, delta_bias=w.dt_bias,
+            delta_softplus=True, out=out,
         )

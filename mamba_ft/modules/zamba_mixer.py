@@ -78,12 +78,14 @@ class MambaFTZambaMixer(MambaFTMixer):
         y = torch.cat(ys, dim=1)
         return (y, torch.stack(states, dim=1)) if return_last_state else y
 
-    def _selective_step(self, x, z, w: MixerWeights, A, ssm_state):
+    def _selective_step(self, x, z, w: MixerWeights, A, ssm_state, out=None):
+        """Per head; each head's new state written into its slice of `out` if given."""
         ys, states = [], []
         for h in range(self.n_heads):
             c = slice(h * self.head_dim, (h + 1) * self.head_dim)
             y, state = super()._selective_step(x[:, c], z[:, c], self._head(w, h), A[h],
-                                               ssm_state[:, h])
+                                               ssm_state[:, h],
+                                               out=None if out is None else out[:, h])
             ys.append(y)
             states.append(state)
-        return torch.cat(ys, dim=1), torch.stack(states, dim=1)
+        return torch.cat(ys, dim=1), out if out is not None else torch.stack(states, dim=1)

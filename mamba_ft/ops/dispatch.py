@@ -86,14 +86,14 @@ def _decode_kernel_applies(*tensors) -> bool:
 
 
 def selective_state_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                         delta_softplus=False):
+                         delta_softplus=False, out=None):
     """One decoding step of the scan; see `mamba_ft.ops.reference.selective_state_step`."""
     if _decode_kernel_applies(u, state, delta, A, B, C, D, z, delta_bias):
         from mamba_ft.kernels import selective_state_step as step
     else:
         step = reference.selective_state_step
     return step(state, u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                delta_softplus=delta_softplus)
+                delta_softplus=delta_softplus, out=out)
 
 
 def causal_conv1d_step(x, conv_state, weight, bias=None, activation="silu"):
@@ -121,11 +121,11 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
 
 
 def ssd_state_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                   dt_limit=(0.0, float("inf"))):
+                   dt_limit=(0.0, float("inf")), out=None):
     """One decoding step of the SSD scan; see `mamba_ft.ops.ssd_reference.ssd_state_step`."""
     if _decode_kernel_applies(x, state, dt, A, B, C, D, z, dt_bias):
         from mamba_ft.kernels import ssd_state_step as step
     else:
         step = ssd_reference.ssd_state_step
     return step(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
-                dt_limit=dt_limit)
+                dt_limit=dt_limit, out=out)

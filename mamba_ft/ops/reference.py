@@ -189,11 +189,13 @@ def selective_state_step(
     z: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step. u, delta, z: (batch, d); B, C: (batch, N); state (batch, d, N) fp32.
 
     Returns (y (batch, d) in u's dtype, new state). The caller stores the new state; nothing is
-    updated in place so the step stays differentiable.
+    updated in place, so the step stays differentiable, unless `out` is given: then the new
+    state is written into it (it may be `state` itself) and returned.
     """
     delta32 = delta.float()
     if delta_bias is not None:
@@ -209,6 +211,8 @@ def selective_state_step(
         y = y + u.float() * D.float()
     if z is not None:
         y = y * F.silu(z.float())
+    if out is not None:
+        new_state = out.copy_(new_state)
     return y.to(u.dtype), new_state
 
 

@@ -208,13 +208,15 @@ def ssd_state_step(
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
     dt_limit: tuple[float, float] = _NO_LIMIT,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step. x, z: (batch, heads, head_dim); dt: (batch, heads); A, dt_bias:
     (heads,); B, C: (batch, groups, N); state (batch, heads, head_dim, N) fp32.
 
     Returns (y (batch, heads, head_dim) in x's dtype, new state). The same dt processing as the
     chunked scan, `dt_limit` included, so a cached step equals the full forward. Nothing is
-    updated in place, so the step stays differentiable; the caller stores the new state.
+    updated in place, so the step stays differentiable, and the caller stores the new state,
+    unless `out` is given: then the new state is written into it (it may be `state` itself).
     """
     batch, heads, head_dim = x.shape
     groups = B.shape[1]
@@ -238,4 +240,6 @@ def ssd_state_step(
             y = y + x32 * (D32[:, None] if D32.dim() == 1 else D32)
         if z is not None:
             y = y * F.silu(z.float())
+    if out is not None:
+        new_state = out.copy_(new_state)
     return y.to(x.dtype), new_state

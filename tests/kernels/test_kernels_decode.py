@@ -30,17 +30,30 @@ def _randn(g, *shape, dtype=torch.float32, scale=1.0):
     return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
 
 
-def check_state_steps(batch, d, N, dtype, tol, *, D=True, z=True, bias=True, softplus=True):
+def _step_into(step, state, out, *args, **kw):
+    """`step` with its new state written into `out`: "same" (the old state, as the mixers
+    decode), "strided" (a transposed buffer the kernel cannot write directly) or None."""
+    if out is None:
+        return step(state, *args, **kw)
+    target = state if out == "same" else torch.empty_like(state.transpose(-1, -2)).transpose(-1, -2)
+    y, new_state = step(state, *args, **kw, out=target)
+    assert new_state is target
+    return y, new_state
+
+
+def check_state_steps(batch, d, N, dtype, tol, *, D=True, z=True, bias=True, softplus=True,
+                      out=None):
     g = torch.Generator().manual_seed(0)
     A = -torch.rand(d, N, generator=g).to(DEVICE) * 4 - 0.1
     Dv = _randn(g, d) if D else None
     bv = _randn(g, d, scale=0.5) if bias else None
-    state = state_ref = _randn(g, batch, d, N)
+    state = _randn(g, batch, d, N)
+    state_ref = state.clone()  # the kernel may write into `state`
     for step in range(10):
         u, delta, zv = (_randn(g, batch, d, dtype=dtype) for _ in range(3))
         B, C = _randn(g, batch, N, dtype=dtype), _randn(g, batch, N, dtype=dtype)
         kw = dict(D=Dv, z=zv if z else None, delta_bias=bv, delta_softplus=softplus)
-        y, state = selective_state_step(state, u, delta, A, B, C, **kw)
+        y, state = _step_into(selective_state_step, state, out, u, delta, A, B, C, **kw)
         y_ref, state_ref = reference.selective_state_step(state_ref, u, delta, A, B, C, **kw)
         assert y.dtype == dtype and state.dtype == torch.float32
         torch.testing.assert_close(y.float(), y_ref.float(), **tol, msg=lambda m: f"y, step {step}: {m}")
@@ -48,19 +61,20 @@ def check_state_steps(batch, d, N, dtype, tol, *, D=True, z=True, bias=True, sof
 
 
 def check_ssd_steps(batch, heads, groups, P, N, dtype, tol, *, D="head", z=True, bias=True,
-                    softplus=True, limit=(0.0, float("inf"))):
+                    softplus=True, limit=(0.0, float("inf")), out=None):
     """Ten Mamba-2 steps in a row: heads read their group's B and C; D per head or channel."""
     g = torch.Generator().manual_seed(2)
     A = -torch.rand(heads, generator=g).to(DEVICE) * 4 - 0.1
     Dv = {"head": _randn(g, heads), "channel": _randn(g, heads, P), None: None}[D]
     bv = _randn(g, heads, scale=0.5) if bias else None
-    state = state_ref = _randn(g, batch, heads, P, N)
+    state = _randn(g, batch, heads, P, N)
+    state_ref = state.clone()  # the kernel may write into `state`
     for step in range(10):
         x, zv = _randn(g, batch, heads, P, dtype=dtype), _randn(g, batch, heads, P, dtype=dtype)
         dt = _randn(g, batch, heads, dtype=dtype)
         B, C = _randn(g, batch, groups, N, dtype=dtype), _randn(g, batch, groups, N, dtype=dtype)
         kw = dict(D=Dv, z=zv if z else None, dt_bias=bv, dt_softplus=softplus, dt_limit=limit)
-        y, state = ssd_state_step(state, x, dt, A, B, C, **kw)
+        y, state = _step_into(ssd_state_step, state, out, x, dt, A, B, C, **kw)
         y_ref, state_ref = ssd_reference.ssd_state_step(state_ref, x, dt, A, B, C, **kw)
         assert y.dtype == dtype and state.dtype == torch.float32
         torch.testing.assert_close(y.float(), y_ref.float(), **tol, msg=lambda m: f"y, step {step}: {m}")
@@ -119,6 +133,26 @@ def test_ssd_step_options_and_limits():
     check_ssd_steps(1, 4, 2, 8, 8, torch.float32, FP32, D="channel", limit=(0.01, 0.5))
     check_ssd_steps(1, 4, 1, 8, 8, torch.float32, FP32, D=None, z=False, bias=False,
                     softplus=False, limit=(0.001, float("inf")))
+
+
+@in_process
+@pytest.mark.parametrize("out", ["same", "strided"])
+def test_steps_write_the_new_state_into_out(out):
+    """Decoding writes each new state into the cache's own tensor (`out` is the old state), or,
+    where the kernel cannot write `out` directly, copies it there."""
+    check_state_steps(2, 37, 5, torch.float32, FP32, out=out)
+    check_ssd_steps(2, 6, 2, 5, 7, torch.float32, FP32, out=out)
+
+
+def test_reference_steps_write_the_new_state_into_out():
+    g = torch.Generator().manual_seed(0)
+    state = torch.randn(2, 3, 4, generator=g)
+    args = [torch.randn(2, 3, generator=g), torch.rand(2, 3, generator=g),
+            -torch.rand(3, 4, generator=g), torch.randn(2, 4, generator=g),
+            torch.randn(2, 4, generator=g)]
+    y, expected = reference.selective_state_step(state, *args)
+    y_out, new_state = reference.selective_state_step(state, *args, out=state)
+    assert new_state is state and torch.equal(state, expected) and torch.equal(y_out, y)
 
 
 @in_process
