@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer, MambaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, MambaForCausalLM
 
 from mamba_ft.cli import main
 from mamba_ft.models import resolve_source
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.seam  # transformers' generate drives mamba-ft's cached
 
 def plain_greedy(directory, prompt: str, new_tokens: int, model=None) -> str:
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    model = model or MambaForCausalLM.from_pretrained(str(directory)).eval()
+    model = model or AutoModelForCausalLM.from_pretrained(str(directory)).eval()
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False,
@@ -25,11 +25,13 @@ def plain_greedy(directory, prompt: str, new_tokens: int, model=None) -> str:
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "at-once"])
-def test_generate_equals_plain_transformers_greedy(capsys, stream):
-    expected = plain_greedy(resolve_source("bundled:tiny-mamba"), PROMPT, 12)
-    args = ["generate", "bundled:tiny-mamba", "--prompt", PROMPT, "--max-new-tokens", "12"]
-    assert main(args + ([] if stream else ["--no-stream"])) == 0
+@pytest.mark.parametrize("options", [[], ["--no-stream"], ["--eager"]],
+                         ids=["streamed", "at-once", "eager"])
+@pytest.mark.parametrize("model", ["bundled:tiny-mamba", "bundled:tiny-mamba2"])
+def test_generate_equals_plain_transformers_greedy(capsys, options, model):
+    expected = plain_greedy(resolve_source(model), PROMPT, 12)
+    args = ["generate", model, "--prompt", PROMPT, "--max-new-tokens", "12"]
+    assert main(args + options) == 0
     assert capsys.readouterr().out.strip() == expected.strip()
     assert expected.strip()  # the tiny model does produce text here
 
