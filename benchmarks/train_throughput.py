@@ -48,7 +48,7 @@ MODELS = {
     "mamba2-1.3b": dict(hidden_size=2048, num_hidden_layers=48, batch=2, mamba2=True),
     # A ~1.2B Nemotron-H (transformers_baselines.nemotron_h_config): the hybrid row.
     "nemotron_h-1b": dict(batch=2, hybrid=True),
-    # Transformer baselines (transformers_baselines.py), ops "transformers" only.
+    # Transformer baselines (transformers_baselines.py): ops "transformers", or mamba-ft's step.
     "pythia-160m": dict(batch=8),
     "pythia-1.4b": dict(batch=2),
 }
@@ -76,6 +76,10 @@ RUNS = [
     ("mamba2-130m", "full", "fused", None),
     ("mamba2-1.3b", "lora", "fused", 2),
     ("mamba2-1.3b", "lora", "fused+bf16-frozen", 2),
+    # ... and as the training loop runs them by default on one GPU (run.cuda_graphs: auto)
+    ("mamba2-130m", "full", "fused+graph", None),
+    ("mamba2-1.3b", "lora", "fused+graph", 2),
+    ("mamba2-1.3b", "lora", "fused+bf16-frozen+graph", 2),
     # Issue 18's hybrid row: mamba-ft with adapters on every buffer (Mamba, attention, MLP)
     ("nemotron_h-1b", "lora", "fused", 2),
     ("nemotron_h-1b", "lora", "fused+bf16-frozen", 2),
@@ -83,6 +87,12 @@ RUNS = [
     # mamba_ssm's Triton SSD patched into its Mamba-2 mixers (--mamba-ssm-src)
     ("pythia-160m", "full", "transformers", None),
     ("pythia-1.4b", "lora", "transformers", 2),
+    # The Pythia baselines through mamba-ft's step (its fp32 chunked loss, PEFT LoRA on every
+    # Linear), with and without the chunked head: what run.chunked_head_loss buys a Transformer
+    ("pythia-160m", "full", "fused", None),
+    ("pythia-160m", "full", "fused+chunked-head", None),
+    ("pythia-1.4b", "lora", "fused", 2),
+    ("pythia-1.4b", "lora", "fused+chunked-head", 2),
     ("mamba2-130m", "full", "transformers+mamba_ssm", None),
     ("mamba2-1.3b", "lora", "transformers+mamba_ssm", 2),
     ("nemotron_h-1b", "lora", "transformers+mamba_ssm", 2),
@@ -98,6 +108,9 @@ def build(name: str):
     if shape.get("hybrid"):
         return load_model(transformers_baselines.nemotron_h_config(), need_tokenizer=False,
                           seed=0).model
+    if name.startswith("pythia"):  # the Transformer baseline through mamba-ft's training step
+        return load_model(transformers_baselines.pythia_config(name), need_tokenizer=False,
+                          allow_transformers=True, seed=0).model
     config = dict(model_type="mamba", vocab_size=50280, hidden_size=shape["hidden_size"],
                   num_hidden_layers=shape["num_hidden_layers"], state_size=16, expand=2,
                   conv_kernel=4, use_cache=False)
