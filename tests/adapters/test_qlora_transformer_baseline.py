@@ -242,6 +242,7 @@ def test_widths_the_cpu_4bit_matmul_gets_wrong_are_refused():
     assert quantize_model(loaded.model, QuantizeConfig(kind="int8")).rows["query_key_value"][0] == 4
 
 
+@pytest.mark.seam  # transformers' loading of a bitsandbytes checkpoint (device maps, accelerate)
 def test_prequantised_transformer_checkpoint_is_reported(tmp_path):
     needs_quantization("nf4")
     from transformers import BitsAndBytesConfig, GPTNeoXForCausalLM
