@@ -29,7 +29,9 @@ from mamba_ft.training.graph_decision import decide_cuda_graphs
 REPO = Path(__file__).resolve().parents[2]
 TINY_MAMBA = {"model_type": "mamba", "vocab_size": 272, "hidden_size": 32, "state_size": 8,
               "num_hidden_layers": 2, "expand": 2, "conv_kernel": 4}
-# A tiny model of every type `run.cuda_graphs: auto` graphs (graphs_by_default in model_types.py).
+# A tiny model of every pure Mamba type: those `run.cuda_graphs: auto` graphs
+# (graphs_by_default in model_types.py), and those that may join them once their graphed
+# training matches eager on a GPU.
 TINY_GRAPHED = {
     "mamba": TINY_MAMBA,
     "falcon_mamba": {**TINY_MAMBA, "model_type": "falcon_mamba"},
@@ -372,6 +374,22 @@ def test_auto_graphs_each_type_it_turns_on_for_like_eager(tmp_path, capsys, mode
     graphed = run(tmp_path / "auto", "auto")
     assert graphed.cuda_graphs and not eager.cuda_graphs
     assert "run.cuda_graphs: auto -> on (one CUDA process" in capsys.readouterr().out
+    torch.testing.assert_close(torch.tensor(graphed.step_losses), torch.tensor(eager.step_losses),
+                               rtol=1e-3, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", sorted(TINY_GRAPHED))
+def test_graphed_training_of_each_pure_mamba_type_matches_eager(tmp_path, model_type):
+    """`run.cuda_graphs: true` on each pure Mamba type (what `graphs_by_default` needs first):
+    packed bf16 LoRA training replayed as a graph gives eager's losses (rtol 1e-3, as above)."""
+    def run(out, graphs):
+        d = recipe_dict(out, cuda_graphs=graphs, adapter={"targets": ["all"], "rank": 4}, packing=True)
+        d["model"]["source"] = dict(TINY_GRAPHED[model_type])
+        return train_mod.train(validate_recipe(d))
+
+    eager, graphed = run(tmp_path / "eager", False), run(tmp_path / "graphed", True)
+    assert graphed.cuda_graphs and not eager.cuda_graphs
     torch.testing.assert_close(torch.tensor(graphed.step_losses), torch.tensor(eager.step_losses),
                                rtol=1e-3, atol=0)
 
