@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_calls import count_kernel_calls
 
 pytestmark = pytest.mark.gpu
 
@@ -18,23 +19,10 @@ pytestmark = pytest.mark.gpu
 def train_losses(path, monkeypatch, adapters=False, autocast=True, steps=30):
     from transformers import MambaConfig
 
-    from mamba_ft import kernels
     from mamba_ft.models import document_starts, load_model
 
     monkeypatch.setenv("MAMBA_FT_OPS", "reference" if path == "reference" else "auto")
-    calls = {"scan": 0, "conv": 0}
-    scan, conv = kernels.selective_scan_fn, kernels.causal_conv1d_fn
-
-    def counting_scan(*a, **k):
-        calls["scan"] += 1
-        return scan(*a, **k)
-
-    def counting_conv(*a, **k):
-        calls["conv"] += 1
-        return conv(*a, **k)
-
-    monkeypatch.setattr(kernels, "selective_scan_fn", counting_scan)
-    monkeypatch.setattr(kernels, "causal_conv1d_fn", counting_conv)
+    calls = count_kernel_calls(monkeypatch, "selective_scan_fn", "causal_conv1d_fn")
     config = MambaConfig(vocab_size=128, hidden_size=64, state_size=16, num_hidden_layers=2,
                          expand=2, conv_kernel=4, time_step_rank=8, use_cache=False)
     model = load_model(config, need_tokenizer=False, seed=0).model.cuda().train()
@@ -58,7 +46,7 @@ def train_losses(path, monkeypatch, adapters=False, autocast=True, steps=30):
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     expected_calls = 0 if path == "reference" else steps * config.num_hidden_layers
-    assert calls == {"scan": expected_calls, "conv": expected_calls}
+    assert calls == {"selective_scan_fn": expected_calls, "causal_conv1d_fn": expected_calls}
     return losses
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_calls import count_kernel_calls
 from kernel_interpreter import DEVICE, IN_PROCESS, in_process, run_file_under_interpreter
 
 CONFIGS = {
@@ -30,20 +31,11 @@ KERNELS = {"mamba": ("selective_scan_fn", "causal_conv1d_fn"),
 
 
 def loss_and_grads(model_type, mode, monkeypatch):
-    from mamba_ft import kernels
     from mamba_ft.adapters import AdapterConfig, adapter_parameters, attach_adapters
     from mamba_ft.models import document_starts, load_model
 
     monkeypatch.setenv("MAMBA_FT_OPS", mode)
-    calls = dict.fromkeys(KERNELS[model_type], 0)
-    for name in calls:
-        original = getattr(kernels, name)
-
-        def counting(*args, _name=name, _fn=original, **kwargs):
-            calls[_name] += 1
-            return _fn(*args, **kwargs)
-
-        monkeypatch.setattr(kernels, name, counting)
+    calls = count_kernel_calls(monkeypatch, *KERNELS[model_type])
     model = load_model(CONFIGS[model_type], need_tokenizer=False, seed=0).model.to(DEVICE).train()
     attach_adapters(model, AdapterConfig(targets=["all"], rank=2))
     gen = torch.Generator().manual_seed(1)
