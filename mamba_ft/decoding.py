@@ -67,10 +67,25 @@ def has_fixed_size_state(model: nn.Module) -> bool:
     return getattr(model.config, "model_type", None) in MODEL_TYPES and not is_hybrid(model)
 
 
+def why_generate_decodes(model: nn.Module) -> str | None:
+    """Why `model` decodes with transformers' `generate` rather than `Decoder`, in a line; None
+    when `Decoder` gives it `generate`'s tokens (a pure Mamba model whose generation config
+    asks for nothing beyond sampling)."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in MODEL_TYPES:
+        return f"{model_type!r} is not a Mamba model: its attention cache grows each token"
+    if is_hybrid(model):
+        return (f"{MODEL_TYPES[model_type].name} has attention layers, whose cache grows each "
+                f"token")
+    extra = unapplied_generation_config(model)
+    if extra:
+        return f"the model's generation config sets {', '.join(extra)}, which generate applies"
+    return None
+
+
 def decodes_like_generate(model: nn.Module) -> bool:
-    """Whether `Decoder` gives `model` the tokens transformers' `generate` would: a pure Mamba
-    model whose generation config asks for nothing beyond sampling."""
-    return has_fixed_size_state(model) and not unapplied_generation_config(model)
+    """Whether `Decoder` gives `model` the tokens transformers' `generate` would."""
+    return why_generate_decodes(model) is None
 
 
 def token_chooser(model: nn.Module, sample: bool = False, temperature: float | None = None,

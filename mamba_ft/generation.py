@@ -12,12 +12,14 @@ sampling knob without --sample) is an error rather than ignored.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mamba_ft.decoding import Decoder, decodes_like_generate, token_chooser
+from mamba_ft.decoding import (Decoder, decodes_like_generate, token_chooser,
+                               why_generate_decodes)
 from mamba_ft.errors import UserError
 
 
@@ -110,6 +112,9 @@ def generate(model, tokenizer, prompt: str, sampling: Sampling, stream: bool = F
                                eos_token_id=model.generation_config.eos_token_id,
                                pad_token_id=pad, streamer=streamer)
     else:
+        if cuda_graph and device.type == "cuda":  # where the graphed decoder would have run
+            print(f"Decoding step by step with transformers' generate, not as a CUDA graph: "
+                  f"{why_generate_decodes(model)}.", file=sys.stderr)
         out = model.generate(**inputs, **sampling.generate_kwargs(), pad_token_id=pad,
                              streamer=streamer)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

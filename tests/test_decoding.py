@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, FalconMambaConfig
 
 from mamba_ft.decoding import (Decoder, cache_tensors, decodes_like_generate, output_cache,
-                               token_chooser)
+                               token_chooser, why_generate_decodes)
 from mamba_ft.models import load_model
 
 # Drives transformers' cache and generate from outside: rerun on the lowest versions.
@@ -128,8 +128,18 @@ def test_hybrids_and_extra_generation_options_are_left_to_generate(pair, tiny_ma
                                     mamba_d_state=8, mamba_chunk_size=8),
                         need_tokenizer=False, seed=0).model
     assert not decodes_like_generate(hybrid)
+    assert why_generate_decodes(hybrid) == ("Bamba has attention layers, whose cache grows "
+                                            "each token")
+    assert why_generate_decodes(ours) == ("the model's generation config sets "
+                                          "repetition_penalty, which generate applies")
     with pytest.raises(ValueError, match="not a pure Mamba model"):
         Decoder(hybrid)
+    transformer = load_model(dict(model_type="gpt_neox", vocab_size=96, hidden_size=32,
+                                  num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=64),
+                             need_tokenizer=False, allow_transformers=True, seed=0).model
+    assert why_generate_decodes(transformer) == ("'gpt_neox' is not a Mamba model: its attention "
+                                                 "cache grows each token")
 
 
 def test_cuda_graph_needs_a_cuda_model(pair):
