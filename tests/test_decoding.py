@@ -170,3 +170,17 @@ def test_cuda_graph_replay_equals_the_eager_loop(model_type, dtype, tiny_mamba_c
         assert torch.equal(a, b)
     assert torch.equal(graphed.generate(ids[:2], 20, token_chooser(model)),
                        eager.generate(ids[:2], 20, token_chooser(model)))
+
+
+def test_left_padded_prompts_decode_as_generate_does(pair):
+    """A batch of prompts of different lengths, padded on the left with a mask: the prefill
+    keeps the padding out of the state, and the tokens are plain transformers'."""
+    plain, ours = pair
+    ids = prompts(batch=3, length=9)
+    mask = torch.ones_like(ids)
+    mask[0, :4], mask[1, :2] = 0, 0
+    ids = ids.masked_fill(mask == 0, 0)
+    expected = plain_generate(plain, ids, 10, do_sample=False, eos_token_id=None,
+                              attention_mask=mask)
+    got = Decoder(ours).generate(ids, 10, token_chooser(ours), attention_mask=mask)
+    assert torch.equal(got, expected)
