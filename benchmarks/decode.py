@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import time
 from pathlib import Path
 
 import torch
@@ -38,52 +37,46 @@ from mamba_ft.models import load_model
 
 import transformers_baselines
 from bench_common import (RESULTS_DIR, device_and_versions, gpu_run_info, markdown_table,
-                          write_json, write_markdown)
+                          wall_seconds_per_call, write_json, write_markdown)
 
 PROMPT = 64
 BATCHES = (1, 16)
 SHORT_RUN = 16  # new tokens of the short run whose time is subtracted for the per-step rate
 
 
-def mamba_config(name: str) -> dict:
+def config_for(name: str) -> dict:
+    """The model's config with its cache on (the baselines' configs turn it off for training)."""
     if name == "mamba2-1.3b":
-        return dict(transformers_baselines.mamba2_config(2048, 48), use_cache=True)
-    return dict(model_type="mamba", vocab_size=50280, hidden_size=2048, num_hidden_layers=48,
-                state_size=16, expand=2, conv_kernel=4)
+        config = transformers_baselines.mamba2_config(2048, 48)
+    elif name.startswith("pythia"):
+        config = transformers_baselines.pythia_config(name)
+    else:
+        config = transformers_baselines.mamba_config(2048, 48)
+    return dict(config, use_cache=True)
 
 
 def build(name: str, path: str) -> torch.nn.Module:
     """bf16 weights on the GPU, eval: mamba-ft's model, or plain transformers' ("transformers")."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if name.startswith("pythia"):
-        config = dict(transformers_baselines.pythia_config(name), use_cache=True)
-    else:
-        config = mamba_config(name)
-    if path.startswith("mamba-ft"):
-        with torch.device("cuda"):
-            return load_model(config, need_tokenizer=False, seed=0,
-                              dtype=torch.bfloat16).model.eval()
-    config = dict(config)
-    hf_config = AutoConfig.for_model(config.pop("model_type"), **config)
-    kwargs = {"attn_implementation": "sdpa"} if name.startswith("pythia") else {}
     with torch.device("cuda"):
-        return AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16, **kwargs).eval()
+        if path.startswith("mamba-ft"):
+            model = load_model(config_for(name), need_tokenizer=False, seed=0).model
+        else:
+            model = transformers_baselines.from_config(config_for(name))
+    return model.to(torch.bfloat16).eval()
 
 
 def timed_generate(model, path: str, ids: torch.Tensor, new_tokens: int) -> float:
     """Seconds for one greedy generation of `new_tokens` tokens per row."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    with torch.no_grad():
-        if path.startswith("mamba-ft"):
-            decoder = Decoder(model, cuda_graph=path == "mamba-ft, CUDA graph")
-            decoder.generate(ids, new_tokens, token_chooser(model))
-        else:
-            model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           do_sample=False, pad_token_id=0, eos_token_id=None)
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
+    def generate():
+        with torch.no_grad():
+            if path.startswith("mamba-ft"):
+                decoder = Decoder(model, cuda_graph=path == "mamba-ft, CUDA graph")
+                decoder.generate(ids, new_tokens, token_chooser(model))
+            else:
+                model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    return wall_seconds_per_call(generate, 1, warmup=0)
 
 
 def weight_bytes_per_step(model) -> int:
@@ -101,15 +94,7 @@ def copy_bandwidth_bytes_per_s() -> float:
     """Device-to-device copy bandwidth (bytes read + written per second), 2 GiB buffers."""
     src = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / 10
-    del src, dst
+    seconds = wall_seconds_per_call(lambda: dst.copy_(src), 10)
     return 2 * 2**31 / seconds
 
 

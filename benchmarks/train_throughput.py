@@ -111,9 +111,7 @@ def build(name: str):
     if name.startswith("pythia"):  # the Transformer baseline through mamba-ft's training step
         return load_model(transformers_baselines.pythia_config(name), need_tokenizer=False,
                           allow_transformers=True, seed=0).model
-    config = dict(model_type="mamba", vocab_size=50280, hidden_size=shape["hidden_size"],
-                  num_hidden_layers=shape["num_hidden_layers"], state_size=16, expand=2,
-                  conv_kernel=4, use_cache=False)
+    config = transformers_baselines.mamba_config(shape["hidden_size"], shape["num_hidden_layers"])
     return load_model(config, need_tokenizer=False, seed=0).model
 
 

@@ -41,6 +41,13 @@ def pythia_config(name: str) -> dict:
                 use_parallel_residual=True, tie_word_embeddings=False, use_cache=False)
 
 
+def mamba_config(hidden_size: int, num_hidden_layers: int) -> dict:
+    """Mamba-1 in the shapes of state-spaces/mamba-130m / -1.4b (state 16, expand 2, conv 4)."""
+    return dict(model_type="mamba", vocab_size=VOCAB_MAMBA, hidden_size=hidden_size,
+                num_hidden_layers=num_hidden_layers, state_size=16, expand=2, conv_kernel=4,
+                use_cache=False)
+
+
 def mamba2_config(hidden_size: int, num_hidden_layers: int) -> dict:
     """Mamba-2 in the shapes of state-spaces/mamba2-130m / -1.3b (head_dim 64, state 128, one
     B/C group, chunk 256)."""
@@ -102,19 +109,25 @@ def patch_mamba_ssm_ssd(mamba_ssm_src) -> dict:
 
 
 def build(name: str) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if name.startswith("pythia"):
         config = pythia_config(name)
     elif name == "nemotron_h-1b":
         config = nemotron_h_config()
     else:
         config = mamba2_config(*{"mamba2-130m": (768, 24), "mamba2-1.3b": (2048, 48)}[name])
+    return from_config(config)
+
+
+def from_config(config: dict) -> torch.nn.Module:
+    """Plain transformers' causal LM of `config` (a dict with its model_type), seed 0; SDPA
+    where the model has attention."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     config = dict(config)
     model_type = config.pop("model_type")
     cfg = AutoConfig.for_model(model_type, **config)
     torch.manual_seed(0)
-    kwargs = {"attn_implementation": "sdpa"} if name.startswith(("pythia", "nemotron")) else {}
+    kwargs = {"attn_implementation": "sdpa"} if model_type in ("gpt_neox", "nemotron_h") else {}
     return AutoModelForCausalLM.from_config(cfg, **kwargs)
 
 

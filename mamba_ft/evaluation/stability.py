@@ -132,6 +132,7 @@ def model_drift(reference, other, input_ids: torch.Tensor) -> Drift:
 
 def _forward(model, input_ids, context):
     """Logits, and the recurrent state each Mamba mixer ends with (empty for other models)."""
+    from mamba_ft.decoding import output_cache
     from mamba_ft.models import mixers
 
     is_mamba = bool(mixers(model))
@@ -139,8 +140,7 @@ def _forward(model, input_ids, context):
         out = model(input_ids=input_ids, use_cache=is_mamba)
     states = []
     if is_mamba:
-        # transformers 5.24 renamed the output's cache_params to cache.
-        cache = getattr(out, "cache", None) or getattr(out, "cache_params", None)
+        cache = output_cache(out)
         states = [cache.get_recurrent_state(m.layer_idx) for m in mixers(model)]
     return out.logits, states
 
