@@ -26,7 +26,7 @@ greedy argmax, or transformers' own temperature / top-k / top-p warpers in its o
 not given come from the model's generation config, as in `generate`) and
 `torch.multinomial`; with the same seed the tokens are `generate`'s. A generation config that
 asks for anything more (a repetition penalty, banned words, ...) is not this loop's to apply:
-`decodes_like_generate` says so, and the caller uses `generate`.
+`why_generate_decodes` says so, and the caller uses `generate`.
 """
 
 from __future__ import annotations
@@ -81,11 +81,6 @@ def why_generate_decodes(model: nn.Module) -> str | None:
     if extra:
         return f"the model's generation config sets {', '.join(extra)}, which generate applies"
     return None
-
-
-def decodes_like_generate(model: nn.Module) -> bool:
-    """Whether `Decoder` gives `model` the tokens transformers' `generate` would."""
-    return why_generate_decodes(model) is None
 
 
 def token_chooser(model: nn.Module, sample: bool = False, temperature: float | None = None,

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mamba_ft.decoding import (Decoder, decodes_like_generate, token_chooser,
-                               why_generate_decodes)
+from mamba_ft.decoding import Decoder, token_chooser, why_generate_decodes
 from mamba_ft.errors import UserError
 
 
@@ -103,7 +102,8 @@ def generate(model, tokenizer, prompt: str, sampling: Sampling, stream: bool = F
 
         streamer = TextStreamer(tokenizer, skip_prompt=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if decodes_like_generate(model):
+    generate_because = why_generate_decodes(model)
+    if generate_because is None:
         decoder = Decoder(model, cuda_graph=cuda_graph and device.type == "cuda")
         choose = token_chooser(model, sampling.sample, sampling.temperature, sampling.top_k,
                                sampling.top_p)
@@ -114,7 +114,7 @@ def generate(model, tokenizer, prompt: str, sampling: Sampling, stream: bool = F
     else:
         if cuda_graph and device.type == "cuda":  # where the graphed decoder would have run
             print(f"Decoding step by step with transformers' generate, not as a CUDA graph: "
-                  f"{why_generate_decodes(model)}.", file=sys.stderr)
+                  f"{generate_because}.", file=sys.stderr)
         out = model.generate(**inputs, **sampling.generate_kwargs(), pad_token_id=pad,
                              streamer=streamer)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

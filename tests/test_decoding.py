@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, FalconMambaConfig
 
-from mamba_ft.decoding import (Decoder, cache_tensors, decodes_like_generate, output_cache,
+from mamba_ft.decoding import (Decoder, cache_tensors, output_cache,
                                token_chooser, why_generate_decodes)
 from mamba_ft.models import load_model
 
@@ -116,9 +116,9 @@ def test_a_step_keeps_the_state_addresses_and_the_saved_state_restores_it(pair):
 
 def test_hybrids_and_extra_generation_options_are_left_to_generate(pair, tiny_mamba_config):
     _, ours = pair
-    assert decodes_like_generate(ours)
+    assert why_generate_decodes(ours) is None
     ours.generation_config.repetition_penalty = 1.3
-    assert not decodes_like_generate(ours)
+    assert why_generate_decodes(ours) is not None
     from transformers import BambaConfig
 
     hybrid = load_model(BambaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2,
@@ -127,7 +127,7 @@ def test_hybrids_and_extra_generation_options_are_left_to_generate(pair, tiny_ma
                                     mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2,
                                     mamba_d_state=8, mamba_chunk_size=8),
                         need_tokenizer=False, seed=0).model
-    assert not decodes_like_generate(hybrid)
+    assert why_generate_decodes(hybrid) is not None
     assert why_generate_decodes(hybrid) == ("Bamba has attention layers, whose cache grows "
                                             "each token")
     assert why_generate_decodes(ours) == ("the model's generation config sets "
